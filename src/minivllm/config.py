@@ -1,0 +1,161 @@
+"""Engine arguments (what a user sets) and the GPT-OSS model config (what a checkpoint says)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineArgs(BaseModel):
+    """Every knob of the engine; names follow vLLM's engine args."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    model: str | None = Field(None, description="HF repo id or local folder; None serves the embedded tiny model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: str | None = Field(None, description="Tokenizer name; GPT-OSS always uses o200k_harmony.")
+    hf_token: str | None = Field(None, description="Hugging Face token for gated or private repos.")
+    download_dir: str | None = Field(None, description="Where hub downloads go (default: the HF cache).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Activation dtype: auto = bfloat16 on GPU, float32 on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    max_model_len: int | None = Field(None, ge=1, description="Max prompt + output tokens per sequence.")
+    max_num_seqs: int = Field(256, ge=1, description="Max sequences in one batch.")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one engine step.")
+    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+    num_kv_blocks: int | None = Field(None, ge=2, description="Explicit KV-cache size in blocks (overrides sizing).")
+    kv_cache_space_gib: float = Field(1.0, gt=0, description="KV-cache size on CPU, in GiB.")
+    gpu_memory_utilization: float = Field(0.95, gt=0, le=1, description="Fraction of GPU memory the engine may use.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    seed: int = Field(0, description="Seed of the engine's global random generator.")
+    ops_backend: Literal["auto", "reference"] = Field("auto", description="Kernels: auto picks the fastest available.")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class GptOssConfig:
+    """The fields of a GPT-OSS config.json that the model needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    layer_types: list[str]
+    sliding_window: int = 128
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    rope_theta: float = 150000.0
+    rope_scaling: dict = field(default_factory=dict)
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    quant_method: str | None = None  # "mxfp4" or None (unquantized)
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "GptOssConfig":
+        model_type = cfg.get("model_type")
+        if model_type != "gpt_oss":
+            raise ValueError(f"unsupported model_type {model_type!r}: this engine serves GPT-OSS ('gpt_oss') checkpoints")
+        n_layers = cfg["num_hidden_layers"]
+        layer_types = cfg.get("layer_types") or [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)
+        ]
+        # transformers 5 writes rope_parameters (with rope_theta inside); older files rope_scaling + rope_theta.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 150000.0))
+        quant = cfg.get("quantization_config")
+        quant_method = quant.get("quant_method") if quant else None
+        if quant_method not in (None, "mxfp4"):
+            raise ValueError(f"unsupported quantization {quant_method!r}: only MXFP4 experts or unquantized weights")
+        eos = cfg.get("eos_token_id")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=n_layers,
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg["num_key_value_heads"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            num_local_experts=cfg["num_local_experts"],
+            num_experts_per_tok=cfg.get("num_experts_per_tok", cfg.get("experts_per_token", 4)),
+            layer_types=list(layer_types),
+            sliding_window=cfg.get("sliding_window") or 128,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            max_position_embeddings=cfg.get("max_position_embeddings", 131072),
+            rope_theta=rope_theta,
+            rope_scaling=rope,
+            swiglu_limit=cfg.get("swiglu_limit", 7.0),
+            swiglu_alpha=cfg.get("swiglu_alpha", 1.702),
+            quant_method=quant_method,
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        )
+
+    @classmethod
+    def from_folder(cls, path: str) -> "GptOssConfig":
+        config_path = os.path.join(path, "config.json")
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"no config.json in {path}")
+        with open(config_path) as f:
+            config = cls.from_dict(json.load(f))
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path) as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                config.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        return config
+
+    def is_sliding(self, layer_idx: int) -> bool:
+        return self.layer_types[layer_idx] == "sliding_attention"
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of all layers, per token, per element byte."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+
+    def yarn_inv_freq_and_scale(self) -> tuple[torch.Tensor, float]:
+        """NeoX YaRN inverse frequencies and the cos/sin scale (same math as the reference and HF)."""
+        dim, base = self.head_dim, self.rope_theta
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        if self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "yarn":
+            return 1.0 / pos_freqs, 1.0
+        factor = float(self.rope_scaling["factor"])
+        orig = self.rope_scaling["original_max_position_embeddings"]
+        beta_fast = self.rope_scaling.get("beta_fast") or 32.0
+        beta_slow = self.rope_scaling.get("beta_slow") or 1.0
+        scale = self.rope_scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if self.rope_scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv_freq, scale

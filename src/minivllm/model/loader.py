@@ -1,0 +1,99 @@
+"""Find a checkpoint (local folder, hub repo, or the embedded tiny default) and load it.
+
+MXFP4 expert tensors are copied as packed u8 and never dequantized here. Every tensor is checked
+against the shape the config implies before any request is served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from safetensors import safe_open
+
+from minivllm.model.gpt_oss import GptOssForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# HF stores unquantized experts (E, in, out); we keep every expert weight (E, out, in) like MXFP4.
+_TRANSPOSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_model_path(model: str | None, revision: str | None = None, token: str | None = None,
+                       download_dir: str | None = None) -> str:
+    """A local folder holding config.json + safetensors, downloading from the hub if needed."""
+    if model is None:
+        from minivllm.model.tiny import default_model_path
+
+        return default_model_path()
+    if os.path.isdir(model):
+        return model
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ValueError(f"model {model!r} is neither a local folder nor a Hugging Face repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            model, revision=revision, token=token or os.environ.get("HF_TOKEN"), cache_dir=download_dir,
+            allow_patterns=["*.json", "*.safetensors"], ignore_patterns=["original/*", "metal/*"],
+        )
+    except Exception as e:  # hub errors come in many classes; the message is what the user needs
+        raise ValueError(f"could not download model {model!r} (revision {revision or 'main'}): {e}") from e
+
+
+def safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not names:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    files = [os.path.join(path, n) for n in names]
+    for f in files:
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"checkpoint shard {f} listed in the index is missing")
+    return files
+
+
+def load_weights(model: GptOssForCausalLM, path: str) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                param = params.get(name)
+                if param is None:
+                    unexpected.append(name)
+                    continue
+                tensor = f.get_tensor(name)
+                if name.endswith(_TRANSPOSED):
+                    tensor = tensor.transpose(-1, -2)
+                _check(name, file, tensor, param)
+                param.data.copy_(tensor)
+                loaded.add(name)
+    if unexpected:
+        quant = [n for n in unexpected if n.endswith(("_blocks", "_scales")) or "experts" in n]
+        hint = (" (the checkpoint's experts are stored differently than config.json's quantization_config says)"
+                if quant else "")
+        raise ValueError(f"unexpected tensor(s) in checkpoint {path}: {', '.join(unexpected[:5])}{hint}")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"checkpoint {path} is missing tensor(s): {', '.join(missing[:5])}{more}")
+
+
+def _check(name: str, file: str, tensor: torch.Tensor, param: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"tensor {name} in {os.path.basename(file)} has shape {tuple(tensor.shape)}, "
+                         f"but config.json implies {tuple(param.shape)}")
+    if (param.dtype == torch.uint8) != (tensor.dtype == torch.uint8):
+        raise ValueError(f"tensor {name} in {os.path.basename(file)} has dtype {tensor.dtype}, expected "
+                         f"{'packed uint8 (MXFP4)' if param.dtype == torch.uint8 else 'a floating-point dtype'}")

@@ -1,0 +1,42 @@
+"""One interface for every computation the model does; backends plug in here.
+
+The pure-torch reference (`reference.py`) is the oracle: any GPU kernel must match it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from minivllm.ops import reference
+from minivllm.ops.context import AttentionContext
+
+__all__ = ["Ops", "AttentionContext", "get_ops", "REFERENCE_OPS"]
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    rms_norm: Callable  # (x, weight, eps, residual=None) -> normed | (normed, residual)
+    rotary: Callable  # (q, k, positions, cos_sin_cache) -> (q, k)
+    write_kv: Callable  # (k, v, k_cache, v_cache, slot_mapping) -> None
+    attention: Callable  # (q, k_cache, v_cache, ctx, sinks, sliding_window, scale) -> out
+    moe: Callable  # (x, router_weight, router_bias, experts, top_k, swiglu_limit, swiglu_alpha) -> out
+
+
+REFERENCE_OPS = Ops(
+    name="reference",
+    rms_norm=reference.rms_norm,
+    rotary=reference.rotary,
+    write_kv=reference.write_kv,
+    attention=reference.paged_attention,
+    moe=reference.moe,
+)
+
+
+def get_ops(backend: str, device_type: str) -> Ops:
+    """`reference` forces pure torch; `auto` picks compiled kernels when the device has them."""
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"unknown ops backend {backend!r}: expected 'auto' or 'reference'")
+    # The SM90 kernels (Triton MoE, paged attention, csrc) register here once they land.
+    return REFERENCE_OPS
