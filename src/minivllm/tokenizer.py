@@ -55,6 +55,7 @@ def ensure_tiktoken_files() -> str:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache may be shared
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -93,7 +94,7 @@ def _tool_descriptions(tools: list[dict]) -> list[oh.ToolDescription]:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or tool.get("type", "function") != "function" \
                 or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ValueError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ...}}}}")
+            raise ValueError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name'...")
         out.append(oh.ToolDescription.new(fn["name"], fn.get("description") or "",
                                           fn.get("parameters")))
     return out
@@ -104,11 +105,12 @@ class Tokenizer:
 
     def __init__(self) -> None:
         self.harmony = load_harmony()  # shared; also used by the OpenAI layer's output parser
-        inner = self.harmony._inner  # the Rust object: skips the wrapper's per-call checks
-        self._decode_bytes = inner.decode_bytes
-        self.special_ids = frozenset(
-            self.harmony.encode(s, allowed_special={s})[0] for s in inner.special_tokens())
-        self.stop_ids = tuple(self.harmony.stop_tokens_for_assistant_actions())  # <|return|>, <|call|>
+        inner = self.harmony._inner  # the Rust object, without the wrapper's per-call overhead
+        self._decode_bytes_raw = inner.decode_bytes
+        # inner.encode, not harmony.encode: the wrapper compiles a regex of all 1091 specials
+        # on every call (~50 ms each).
+        self.special_ids = frozenset(inner.encode(s, [s])[0] for s in inner.special_tokens())
+        self.stop_ids = tuple(self.harmony.stop_tokens_for_assistant_actions())  # return, call
         self.eos_token_ids = frozenset(self.stop_ids) | {ENDOFTEXT_ID}
         self._bytes_cache: dict[int, bytes] = {}
 
@@ -124,23 +126,21 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
-        return bytes(self._checked(self._decode_bytes, ids)).decode("utf-8", errors="replace")
+        return self._decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
         b = self._bytes_cache.get(token_id)
         if b is None:
-            b = bytes(self._checked(self._decode_bytes, [int(token_id)]))
-            self._bytes_cache[token_id] = b
+            b = self._bytes_cache[token_id] = self._decode_bytes([int(token_id)])
         return b
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids
 
-    @staticmethod
-    def _checked(fn, ids: list[int]):
+    def _decode_bytes(self, ids: list[int]) -> bytes:
         try:
-            return fn(ids)
-        except (oh.HarmonyError, OverflowError) as e:  # out-of-range ids
+            return bytes(self._decode_bytes_raw(ids))
+        except (oh.HarmonyError, OverflowError) as e:  # out-of-range (or negative) ids
             raise ValueError(f"cannot decode token ids: {e}") from None
 
     # -- chat -----------------------------------------------------------------------------------
@@ -176,8 +176,8 @@ class Tokenizer:
             elif role == "assistant":
                 body.extend(self._assistant_messages(msg, where, call_names))
             elif role == "tool":
-                name = call_names.get(msg.get("tool_call_id")) or msg.get("name")
-                if not name:
+                name = call_names.get(str(msg.get("tool_call_id"))) or msg.get("name")
+                if not name or not isinstance(name, str):
                     raise ValueError(f"{where}: tool message needs a 'tool_call_id' matching an "
                                      f"earlier assistant tool call, or a 'name'")
                 author = oh.Author.new(oh.Role.TOOL, f"functions.{name}")
@@ -231,8 +231,8 @@ class Tokenizer:
                 args = "{}"
             elif not isinstance(args, str):  # some clients send a dict
                 args = json.dumps(args)
-            if call.get("id"):
-                call_names[call["id"]] = fn["name"]
+            if call.get("id") is not None:
+                call_names[str(call["id"])] = fn["name"]
             out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, args)
                        .with_channel("commentary").with_recipient(f"functions.{fn['name']}")
                        .with_content_type("<|constrain|>json"))
@@ -248,6 +248,7 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._cache = tokenizer._bytes_cache  # shared across streams; filled on first sight
         self._token_bytes = tokenizer.token_bytes
         self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
         # errors="replace": truly invalid bytes become U+FFFD instead of raising mid-stream.
@@ -258,7 +259,10 @@ class IncrementalDetokenizer:
         """Feed one token; return the text it completed ("" while a character is incomplete)."""
         if token_id in self._skip:
             return ""
-        piece = self._decoder.decode(self._token_bytes(token_id))
+        b = self._cache.get(token_id)
+        if b is None:
+            b = self._token_bytes(token_id)
+        piece = self._decoder.decode(b)
         if piece:
             self._pieces.append(piece)
         return piece

@@ -1,0 +1,149 @@
+"""One engine per process, stepped by a background thread; asyncio callers get per-request streams.
+
+The model step runs off the event loop (a thread), so the server stays responsive while the
+model works. Requests are validated and tokenized on the caller's side, so bad input fails the
+caller at once and never reaches the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from minivllm.config import EngineArgs
+from minivllm.engine.llm_engine import LLMEngine, PromptType
+from minivllm.outputs import RequestOutput
+from minivllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_ids = itertools.count()
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self.last_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="minivllm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs | None = None, **kwargs) -> "AsyncEngine":
+        return cls(LLMEngine(args or EngineArgs(**kwargs)))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the iterator early aborts the request."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        request_id = request_id or f"req-{next(_ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = self.engine.make_request(request_id, prompt, params, priority)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send(("add", request))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id, None))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; returns once its KV blocks are free."""
+        done = asyncio.get_running_loop().create_future()
+        self._send(("abort", request_id, done))
+        await done
+
+    async def stats(self) -> dict:
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    # ---- engine thread ------------------------------------------------------------------------
+    def _send(self, message: tuple) -> None:
+        self._inbox.put(message)
+        self._wakeup.set()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a failed step fails its requests; the engine keeps serving
+                logger.exception("engine step failed")
+                self.last_error = e
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "add":
+                request = message[1]
+                try:
+                    self.engine.add_request(request.request_id, request)
+                except Exception as e:
+                    self._deliver(request.request_id, e)
+            else:
+                _, request_id, done = message
+                self.engine.abort_request(request_id)
+                if done is not None:
+                    done.get_loop().call_soon_threadsafe(_set_result, done)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, RuntimeError(f"engine step failed: {error}"))
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+
+def _set_result(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,209 @@
+"""The synchronous engine: add requests, step, abort. LLM and AsyncEngine both drive this."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from minivllm.config import EngineArgs, GptOssConfig
+from minivllm.engine.block_manager import BlockManager
+from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.sampler import Sampler, SampleResult
+from minivllm.engine.scheduler import Scheduler
+from minivllm.engine.sequence import Request, Sequence
+from minivllm.model.loader import resolve_model_path
+from minivllm.outputs import CompletionOutput, Logprob, RequestOutput
+from minivllm.sampling_params import RequestOutputKind, SamplingParams
+from minivllm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        self.model_path = resolve_model_path(args.model, args.revision, args.hf_token, args.download_dir)
+        self.model_config = GptOssConfig.from_folder(self.model_path)
+        self.max_model_len = min(args.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        torch.manual_seed(args.seed)
+        self.tokenizer = Tokenizer()
+        eos = self.model_config.eos_token_ids or self.tokenizer.eos_token_ids
+        self.eos_token_ids = frozenset(eos)
+        self.runner = ModelRunner(args, self.model_config, self.model_path, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        if self.block_manager.blocks_needed(self.max_model_len) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} needs {self.block_manager.blocks_needed(self.max_model_len)} "
+                f"KV blocks but the cache has {self.block_manager.num_blocks}: lower max_model_len or give the "
+                "KV cache more memory")
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.sampler = Sampler(sorted(self.eos_token_ids), torch.Generator(self.runner.device).manual_seed(args.seed))
+        self.requests: dict[str, Request] = {}
+
+    # ---- requests -----------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                     priority: int = 0) -> Request:
+        """Validate and tokenize (no engine state touched, so any thread may call it)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not (0 <= t < vocab) for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
+                             "(prompt + at least one generated token must fit)")
+        request = Request(request_id, text, token_ids, params, priority)
+        for i in range(params.n):
+            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            request.seqs.append(Sequence(request, i, params, detok))
+        return request
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: PromptType | Request, params: SamplingParams | None = None,
+                    priority: int = 0) -> Request:
+        request = prompt if isinstance(prompt, Request) else self.make_request(request_id, prompt, params, priority)
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+        return request
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output (finish_reason 'abort')."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.finish_reason = "abort"
+        return self._make_output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.execute(batch)
+        to_sample = []
+        for seq, num_new in batch:
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens == seq.num_tokens:
+                to_sample.append(seq)
+        result = self.sampler(logits, to_sample)
+        return self._postprocess(to_sample, result)
+
+    def _postprocess(self, seqs: list[Sequence], result: SampleResult) -> list[RequestOutput]:
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, token, lp in zip(seqs, result.token_ids, result.logprobs):
+            seq.token_ids.append(token)
+            request = seq.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if lp is not None:
+                self._record_logprobs(seq, token, lp)
+            self._append_text_and_check_stop(seq, token)
+            if seq.finish_reason is not None:
+                self.scheduler.remove(seq)
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
+            out = self._make_output(request)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _record_logprobs(self, seq: Sequence, token: int, lp) -> None:
+        sampled, rank, top_ids, top_values = lp
+        decode = self.tokenizer.decode
+        entry = {token: Logprob(sampled, rank, decode([token], skip_special_tokens=False))}
+        for r, (tid, value) in enumerate(zip(top_ids, top_values), start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(value, r, decode([tid], skip_special_tokens=False))
+        seq.logprobs.append(entry)
+        seq.cumulative_logprob += sampled
+
+    def _append_text_and_check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        prev_len = len(seq.text)
+        is_stop_token = n_out > p.min_tokens - 1 and (
+            (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids)
+        if not is_stop_token:  # a stop token's text never shows, whatever skip_special_tokens says
+            seq.text += seq.detokenizer.add(token)
+        if is_stop_token:
+            seq.finish_reason = "stop"
+            seq.stop_reason = None if (token in self.eos_token_ids and not p.ignore_eos
+                                       and token not in p.stop_token_ids) else token
+            return
+        if p.stop_strings and n_out >= p.min_tokens:
+            search_from = max(0, prev_len - max(len(s) for s in p.stop_strings) + 1)
+            for stop in p.stop_strings:
+                idx = seq.text.find(stop, search_from)
+                if idx != -1:
+                    seq.text = seq.text[:idx + len(stop)] if p.include_stop_str_in_output else seq.text[:idx]
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                    return
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _make_output(self, request: Request) -> RequestOutput | None:
+        kind = request.params.output_kind
+        finished = request.is_finished or any(s.finish_reason == "abort" for s in request.seqs)
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = []
+        for seq in request.seqs:
+            done = seq.finish_reason is not None
+            # Hold back text that may still turn out to be the start of a stop string.
+            visible = len(seq.text) if done else max(seq.sent_text_len, len(seq.text) - seq.params.stop_buffer_length)
+            tokens = seq.output_token_ids
+            if kind == RequestOutputKind.DELTA:
+                text, token_ids = seq.text[seq.sent_text_len:visible], tokens[seq.sent_token_len:]
+                logprobs = seq.logprobs[seq.sent_token_len:] if seq.logprobs is not None else None
+            else:
+                text, token_ids, logprobs = seq.text[:visible], tokens, seq.logprobs
+            seq.sent_text_len, seq.sent_token_len = visible, len(tokens)
+            completions.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=token_ids,
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, finished,
+                             num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=metrics)
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.block_manager.usage(),
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+

@@ -1,0 +1,91 @@
+"""Owns the model and the KV cache; turns a scheduled batch into logits.
+
+The KV cache is one tensor (layers, 2, blocks, block_size, kv_heads, head_dim): per layer and
+for K and V, a (blocks, block_size, kv_heads, head_dim) page pool, the layout FA3's paged KV
+(`page_table`) and our own paged kernels read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from minivllm.config import EngineArgs, GptOssConfig
+from minivllm.engine.sequence import Sequence
+from minivllm.model.gpt_oss import GptOssForCausalLM
+from minivllm.model.loader import load_weights
+from minivllm.ops import AttentionContext, get_ops
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, args: EngineArgs, config: GptOssConfig, model_path: str, max_model_len: int):
+        self.device = args.resolved_device()
+        self.dtype = args.resolved_dtype()
+        self.block_size = args.block_size
+        self.ops = get_ops(args.ops_backend, self.device.type)
+        with torch.device(self.device):
+            self.model = GptOssForCausalLM(config, self.dtype, self.ops, max_positions=max_model_len)
+        load_weights(self.model, model_path)
+        self.num_blocks = self._num_kv_blocks(args, config)
+        self.kv_cache = torch.zeros(config.num_hidden_layers, 2, self.num_blocks, self.block_size,
+                                    config.num_key_value_heads, config.head_dim, dtype=self.dtype, device=self.device)
+
+    def _num_kv_blocks(self, args: EngineArgs, config: GptOssConfig) -> int:
+        if args.num_kv_blocks is not None:
+            return args.num_kv_blocks
+        block_bytes = config.kv_bytes_per_token * self.block_size * self.dtype.itemsize
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Leave what the other processes use, plus headroom for activations of the largest step.
+            budget = free - (1 - args.gpu_memory_utilization) * total - 2 * 1024**3
+        else:
+            budget = args.kv_cache_space_gib * 1024**3
+        num_blocks = int(budget // block_bytes)
+        if num_blocks < 2:
+            raise ValueError(f"no memory left for the KV cache (budget {budget / 1024**3:.2f} GiB); "
+                             "raise gpu_memory_utilization / kv_cache_space_gib or use a smaller model")
+        return num_blocks
+
+    def prepare(self, batch: list[tuple[Sequence, int]]):
+        """Flatten the step's tokens; returns (input_ids, positions, ctx, rows to sample)."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        for seq, num_new in batch:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            if num_new == 1:
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                for pos in range(start, end):
+                    slots.append(table[pos // bs] * bs + pos % bs)
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            context_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(query_start_loc[-1] - 1)
+        width = max(len(seq.block_table) for seq, _ in batch)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
+        dev = self.device
+        ctx = AttentionContext(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=query_start_loc, context_lens=context_lens,
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev), block_size=bs,
+        )
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows)
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Logits (float32) of the last token of each sequence that finishes its prompt/step."""
+        input_ids, positions, ctx, sample_rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, ctx, self.kv_cache)
+        return self.model.compute_logits(hidden[sample_rows])

@@ -1,0 +1,111 @@
+"""Turns a step's logits into next tokens, following vLLM's SamplingParams semantics.
+
+Order: raw logprobs (what `logprobs` reports) -> min_tokens stop masking -> penalties -> greedy
+argmax, or temperature -> top-k -> top-p -> min-p -> draw. Draws use the exponential race
+(argmax of p / Exp(1)), one generator per seeded sequence, so a seeded request samples the same
+tokens alone or inside any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minivllm.engine.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    # Per row, when logprobs were requested: (sampled logprob, rank, top ids, top logprobs).
+    logprobs: list[tuple[float, int, list[int], list[float]] | None]
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: list[int], generator: torch.Generator | None = None):
+        self.eos_token_ids = list(eos_token_ids)
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        logits = logits.float()
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = logits.clone() if want_logprobs else logits
+        for row, seq in enumerate(seqs):
+            self._adjust_row(logits[row], seq)
+
+        greedy = [s.params.greedy for s in seqs]
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        greedy_rows = [r for r, g in enumerate(greedy) if g]
+        random_rows = [r for r, g in enumerate(greedy) if not g]
+        if greedy_rows:
+            if len(greedy_rows) == len(seqs):
+                tokens = logits.argmax(dim=-1)
+            else:
+                tokens[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
+        if random_rows:
+            tokens[random_rows] = self._draw(logits[random_rows], [seqs[r] for r in random_rows])
+        token_list = tokens.tolist()
+        return SampleResult(token_list, self._logprobs(raw_logprobs, token_list, seqs))
+
+    def _adjust_row(self, row: torch.Tensor, seq: Sequence) -> None:
+        p = seq.params
+        if seq.num_output_tokens < p.min_tokens:
+            row[p.stop_token_ids] = float("-inf")
+            if not p.ignore_eos:
+                row[self.eos_token_ids] = float("-inf")
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), device=row.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            ids, counts = torch.tensor(seq.output_token_ids, device=row.device).unique(return_counts=True)
+            row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device).unsqueeze(1)
+        logits = logits / temps
+        top_k = [s.params.top_k for s in seqs]
+        top_p = [s.params.top_p for s in seqs]
+        min_p = [s.params.min_p for s in seqs]
+        if any(top_k) or any(p < 1.0 for p in top_p):
+            logits = _top_k_top_p(logits, top_k, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        if any(min_p):
+            mp = torch.tensor(min_p, device=probs.device).unsqueeze(1)
+            probs = probs.masked_fill(probs < mp * probs.amax(dim=-1, keepdim=True), 0.0)
+        noise = torch.empty_like(probs)
+        for row, seq in enumerate(seqs):
+            noise[row].exponential_(generator=seq.generator or self.generator)
+        return (probs / noise).argmax(dim=-1)
+
+    def _logprobs(self, raw: torch.Tensor | None, tokens: list[int], seqs: list[Sequence]):
+        if raw is None:
+            return [None] * len(seqs)
+        out = []
+        for row, seq in enumerate(seqs):
+            k = seq.params.logprobs
+            if k is None:
+                out.append(None)
+                continue
+            lp = raw[row]
+            sampled = lp[tokens[row]]
+            rank = int((lp > sampled).sum()) + 1
+            top = lp.topk(k) if k else None
+            out.append((float(sampled), rank, top.indices.tolist() if k else [], top.values.tolist() if k else []))
+        return out
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ks = torch.tensor([k if k else vocab for k in top_k], device=logits.device).clamp(max=vocab)
+    positions = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    mask = positions >= ks.unsqueeze(1)
+    ps = torch.tensor(top_p, device=logits.device).unsqueeze(1)
+    probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
+    # Drop a token when the tokens ranked above it already hold top_p of the mass (keep at least one).
+    mask |= (probs.cumsum(dim=-1) - probs) >= ps
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

@@ -1,0 +1,65 @@
+import os
+
+import pytest
+import torch
+
+# Tests never touch the network and never write into the user's cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    if "MINIVLLM_CACHE" not in os.environ:
+        os.environ["MINIVLLM_CACHE"] = str(tmp_path_factory.mktemp("minivllm-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mxfp4(tmp_path_factory):
+    """MXFP4 experts, a 16-token sliding window (so test prompts cross it)."""
+    from minivllm.model.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-mxfp4"), seed=1, sliding_window=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tmp_path_factory):
+    """An unquantized fp32 checkpoint written by transformers' own save_pretrained, another shape."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(
+        vocab_size=201088, hidden_size=48, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=8, num_local_experts=6, num_experts_per_tok=3, sliding_window=12,
+        eos_token_id=[200002, 199999, 200012], pad_token_id=199999,
+    )
+    torch.manual_seed(2)
+    model = GptOssForCausalLM(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(std=1.0 if ("embed" in name or "sinks" in name) else 0.2)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-dense"
+    model.save_pretrained(path)
+    return str(path)
+
+
+def hf_model(path: str):
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    with open(os.path.join(path, "config.json")) as f:
+        quantized = "quantization_config" in f.read()
+    kwargs = {"quantization_config": Mxfp4Config(dequantize=True)} if quantized else {}
+    return GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager", **kwargs).eval()
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def mixed_prompts(seed: int = 0, lengths=(3, 9, 17, 30, 45, 70)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 199_000, (n,), generator=g).tolist() for n in lengths]
