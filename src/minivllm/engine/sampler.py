@@ -27,6 +27,7 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self.generator = generator
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         logits = logits.float()
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
