@@ -94,9 +94,9 @@ class BlockManager:
         Called at schedule time: a block counts once this step will have written it, which is safe
         because each layer writes the step's K/V before any sequence attends.
         """
-        if not self.enable_prefix_caching:
-            return
         num_full = min(num_tokens, seq.num_tokens) // self.block_size
+        if num_full <= len(seq.block_hashes) or not self.enable_prefix_caching:
+            return
         prev_hash = seq.block_hashes[-1] if seq.block_hashes else None
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])

@@ -133,11 +133,12 @@ class LLMEngine:
             touched[request.request_id] = request
         outputs = []
         for request in touched.values():
-            if request.is_finished:
+            finished = request.is_finished
+            if finished:
                 self.requests.pop(request.request_id, None)
-            out = self._make_output(request)
-            if out is not None:
-                outputs.append(out)
+            elif request.params.output_kind is RequestOutputKind.FINAL_ONLY:
+                continue
+            outputs.append(self._make_output(request))
         return outputs
 
     def _record_logprobs(self, seq: Sequence, token: int, lp) -> None:
@@ -174,11 +175,9 @@ class LLMEngine:
         if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
-    def _make_output(self, request: Request) -> RequestOutput | None:
+    def _make_output(self, request: Request) -> RequestOutput:
         kind = request.params.output_kind
-        finished = request.is_finished or any(s.finish_reason == "abort" for s in request.seqs)
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
-            return None
+        finished = request.is_finished
         completions = []
         for seq in request.seqs:
             done = seq.finish_reason is not None

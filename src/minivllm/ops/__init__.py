@@ -35,8 +35,16 @@ REFERENCE_OPS = Ops(
 
 
 def get_ops(backend: str, device_type: str) -> Ops:
-    """`reference` forces pure torch; `auto` picks compiled kernels when the device has them."""
+    """Pick the implementation of every op.
+
+    `reference` forces pure torch everywhere. `auto` uses, on a CUDA device, each compiled kernel
+    whose module imports (Triton MoE and paged attention from `minivllm.kernels`, the csrc
+    extension for the small fused ops) and the reference for the rest.
+    """
     if backend not in ("auto", "reference"):
         raise ValueError(f"unknown ops backend {backend!r}: expected 'auto' or 'reference'")
-    # The SM90 kernels (Triton MoE, paged attention, csrc) register here once they land.
-    return REFERENCE_OPS
+    if backend == "reference" or device_type != "cuda":
+        return REFERENCE_OPS
+    from minivllm.ops import sm90
+
+    return sm90.build_ops(REFERENCE_OPS)
