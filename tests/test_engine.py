@@ -61,9 +61,9 @@ def test_async_requests_interleave_and_match_offline(tiny_mxfp4, llm):
     batch_sizes = []
     original_execute = engine.engine.runner.execute
 
-    def spying_execute(batch):
+    def spying_execute(batch, *args):
         batch_sizes.append(len(batch))
-        return original_execute(batch)
+        return original_execute(batch, *args)
 
     engine.engine.runner.execute = spying_execute
 
@@ -249,3 +249,19 @@ def test_priority_orders_waiting_requests(tiny_mxfp4):
     while engine.has_unfinished_requests():
         finished += [o.request_id for o in engine.step() if o.finished]
     assert finished == ["high", "low"]
+
+
+def test_prompt_logprobs_match_hf_logits(tiny_mxfp4):
+    from conftest import hf_model
+
+    prompt = [100, 2000, 30000, 4000, 500, 60, 7, 80000, 9000, 123, 456, 789]
+    llm = LLM(tiny_mxfp4, num_kv_blocks=64, block_size=4, max_model_len=128, max_num_batched_tokens=5)
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(tiny_mxfp4)(torch.tensor([prompt])).logits[0], dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        assert entry[prompt[pos]].logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
+        assert len(entry) in (2, 3)

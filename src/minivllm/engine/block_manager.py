@@ -49,8 +49,8 @@ class BlockManager:
         the model to produce the next token's logits.
         """
         assert not seq.block_table
-        if not self.enable_prefix_caching:
-            return 0
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
+            return 0  # prompt logprobs need every prompt position to run through the model
         prev_hash = None
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])

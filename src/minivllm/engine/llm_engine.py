@@ -108,14 +108,47 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self.runner.execute(batch)
+        prompt_rows, prompt_targets = self._prompt_logprob_rows(batch)
+        logits = self.runner.execute(batch, prompt_rows)
         to_sample = []
         for seq, num_new in batch:
             seq.num_computed_tokens += num_new
             if seq.num_computed_tokens == seq.num_tokens:
                 to_sample.append(seq)
-        result = self.sampler(logits, to_sample)
+        if prompt_rows:
+            self._record_prompt_logprobs(logits[len(to_sample):], prompt_targets)
+        result = self.sampler(logits[:len(to_sample)], to_sample)
         return self._postprocess(to_sample, result)
+
+    def _prompt_logprob_rows(self, batch) -> tuple[list[int], list[tuple[Sequence, int]]]:
+        """Step rows whose logits score the next prompt token, for sequences that asked for them."""
+        rows, targets = [], []
+        offset = 0
+        for seq, num_new in batch:
+            plp = seq.prompt_logprobs
+            if plp is not None:
+                for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + num_new):
+                    # Position pos scores token pos + 1; skip what a recompute after preemption already did.
+                    if pos + 1 < seq.num_prompt_tokens and pos + 1 >= len(plp):
+                        rows.append(offset + pos - seq.num_computed_tokens)
+                        targets.append((seq, seq.token_ids[pos + 1]))
+            offset += num_new
+        return rows, targets
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[Sequence, int]]) -> None:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for row, (seq, token) in zip(logprobs, targets):
+            k = seq.params.prompt_logprobs
+            value = row[token]
+            entry = {token: Logprob(float(value), int((row > value).sum()) + 1, self._token_text(token))}
+            if k:
+                top = row.topk(k)
+                for rank, (tid, v) in enumerate(zip(top.indices.tolist(), top.values.tolist()), start=1):
+                    entry.setdefault(tid, Logprob(v, rank, self._token_text(tid)))
+            seq.prompt_logprobs.append(entry)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def _postprocess(self, seqs: list[Sequence], result: SampleResult) -> list[RequestOutput]:
         now = time.monotonic()
@@ -143,11 +176,9 @@ class LLMEngine:
 
     def _record_logprobs(self, seq: Sequence, token: int, lp) -> None:
         sampled, rank, top_ids, top_values = lp
-        decode = self.tokenizer.decode
-        entry = {token: Logprob(sampled, rank, decode([token], skip_special_tokens=False))}
+        entry = {token: Logprob(sampled, rank, self._token_text(token))}
         for r, (tid, value) in enumerate(zip(top_ids, top_values), start=1):
-            if tid not in entry:
-                entry[tid] = Logprob(value, r, decode([tid], skip_special_tokens=False))
+            entry.setdefault(tid, Logprob(value, r, self._token_text(tid)))
         seq.logprobs.append(entry)
         seq.cumulative_logprob += sampled
 
@@ -196,7 +227,7 @@ class LLMEngine:
                 logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, finished,
-                             num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=metrics)
+                             prompt_logprobs=request.seqs[0].prompt_logprobs, num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=metrics)
 
     def stats(self) -> dict:
         return {

@@ -84,8 +84,9 @@ class ModelRunner:
                 torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows)
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Logits (float32) of the last token of each sequence that finishes its prompt/step."""
+    def execute(self, batch: list[tuple[Sequence, int]], prompt_rows: list[int] | None = None) -> torch.Tensor:
+        """Logits (float32) of the last token of each sequence that finishes its prompt/step,
+        followed by those of `prompt_rows` (step token indices whose prompt logprobs were asked for)."""
         input_ids, positions, ctx, sample_rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, ctx, self.kv_cache)
-        return self.model.compute_logits(hidden[sample_rows])
+        return self.model.compute_logits(hidden[sample_rows + prompt_rows if prompt_rows else sample_rows])

@@ -41,6 +41,9 @@ class Sequence:
         self.detokenizer = detokenizer
         self.text = ""
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        # Prompt logprobs: entry p scores prompt token p given the tokens before it (entry 0 is None).
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None)
         self.cumulative_logprob = 0.0
         self.generator: torch.Generator | None = None
         if params.seed is not None:
