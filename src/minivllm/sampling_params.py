@@ -74,6 +74,12 @@ class SamplingParams:
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers")
 
     @property
+    def adjusts_logits(self) -> bool:
+        """Whether the sampler must touch this request's logits row before choosing."""
+        return bool(self.min_tokens or self.repetition_penalty != 1.0 or self.presence_penalty
+                    or self.frequency_penalty)
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 

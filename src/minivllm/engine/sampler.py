@@ -34,7 +34,8 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = logits.clone() if want_logprobs else logits
         for row, seq in enumerate(seqs):
-            self._adjust_row(logits[row], seq)
+            if seq.params.adjusts_logits:
+                self._adjust_row(logits[row], seq)
 
         greedy = [s.params.greedy for s in seqs]
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
@@ -76,9 +77,10 @@ class Sampler:
         if any(min_p):
             mp = torch.tensor(min_p, device=probs.device).unsqueeze(1)
             probs = probs.masked_fill(probs < mp * probs.amax(dim=-1, keepdim=True), 0.0)
-        noise = torch.empty_like(probs)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, seq in enumerate(seqs):
-            noise[row].exponential_(generator=seq.generator or self.generator)
+            if seq.generator is not None:  # seeded: its own stream, independent of the batch
+                noise[row].exponential_(generator=seq.generator)
         return (probs / noise).argmax(dim=-1)
 
     def _logprobs(self, raw: torch.Tensor | None, tokens: list[int], seqs: list[Sequence]):

@@ -15,9 +15,24 @@ class AttentionContext:
     # and after this step its cache holds context_lens[i] tokens (the queries are the last ones).
     query_start_loc: list[int]
     context_lens: list[int]
-    block_tables: torch.Tensor  # (B, max_blocks) int64, padded with 0
+    block_tables: torch.Tensor  # (B, max_blocks) int32 (the FA3 page_table dtype) or int64, padded with 0
     block_size: int
+    # The lengths again as int32 device tensors, for kernels; CUDA graphs pass their fixed buffers
+    # here. Left None, `device_lens` builds them once per step from the lists.
+    query_start_loc_t: torch.Tensor | None = None  # (B + 1,)
+    context_lens_t: torch.Tensor | None = None  # (B,)
+    max_query_len: int | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
+
+    def device_lens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query_start_loc, context_lens) as int32 tensors on the cache's device."""
+        if self.query_start_loc_t is None or self.context_lens_t is None:
+            device = self.block_tables.device
+            self.query_start_loc_t = torch.tensor(self.query_start_loc, dtype=torch.int32, device=device)
+            self.context_lens_t = torch.tensor(self.context_lens, dtype=torch.int32, device=device)
+        if self.max_query_len is None:
+            self.max_query_len = max(b - a for a, b in zip(self.query_start_loc, self.query_start_loc[1:]))
+        return self.query_start_loc_t, self.context_lens_t

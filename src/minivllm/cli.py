@@ -1,0 +1,167 @@
+"""The `minivllm` command: serve (OpenAI server), generate (one completion), write-tiny (a random checkpoint).
+
+Engine flags are derived from the EngineArgs schema (one flag per field), so they never drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import types
+import typing
+
+from pydantic import ValidationError
+
+from minivllm.config import EngineArgs
+
+DEFAULT_SERVED_NAME = "minivllm-tiny-gpt-oss"  # the embedded default model's name
+
+logger = logging.getLogger("minivllm.cli")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine", "EngineArgs fields (unset flags keep the schema's defaults)")
+    for name, field in EngineArgs.model_fields.items():
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        help_text = field.description or ""
+        if field.default is not None:
+            help_text += f" (default: {field.default})"
+        kwargs: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            kwargs["choices"] = typing.get_args(kind)
+        else:
+            kwargs["type"] = kind
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def engine_args_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EngineArgs:
+    given = {name: getattr(args, name) for name in EngineArgs.model_fields if hasattr(args, name)}
+    positional = getattr(args, "model_tag", None)
+    if positional is not None:
+        if given.get("model") not in (None, positional):
+            parser.error(f"MODEL {positional!r} and --model {given['model']!r} disagree: give one")
+        given["model"] = positional
+    try:
+        return EngineArgs(**given)
+    except ValidationError as e:
+        problems = [f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
+                    for err in e.errors(include_url=False)]
+        parser.error("; ".join(problems))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minivllm", description="GPT-OSS inference with vLLM's interfaces.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (plus RunPod endpoint emulation)")
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL",
+                       help="HF repo id or local folder; omitted: the embedded tiny random GPT-OSS")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("MINIVLLM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $MINIVLLM_API_KEY)")
+    serve.add_argument("--served-model-name", help="the model id clients use (default: MODEL as given)")
+    serve.add_argument("--response-role", default="assistant", help="role of generated chat messages")
+    serve.add_argument("--enable-force-include-usage", action="store_true",
+                       help="send usage at the end of every stream, asked for or not")
+    serve.add_argument("--chat-template", help="Jinja chat template (file or text) instead of harmony rendering")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_args(serve)
+    serve.set_defaults(func=serve_command, parser=serve)
+
+    gen = sub.add_parser("generate", help="print one completion of PROMPT")
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--max-tokens", type=int, default=16)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    add_engine_args(gen)
+    gen.set_defaults(func=generate_command, parser=gen)
+
+    tiny = sub.add_parser("write-tiny", help="write the tiny random GPT-OSS checkpoint to PATH")
+    tiny.add_argument("path", metavar="PATH")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=write_tiny_command, parser=tiny)
+    return parser
+
+
+def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from minivllm.engine.async_engine import AsyncEngine
+    from minivllm.openai.serving import OpenAIServing
+    from minivllm.server.app import create_app
+
+    engine_args = engine_args_from(parser, args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = AsyncEngine.from_engine_args(engine_args)
+    name = args.served_model_name or engine_args.model or DEFAULT_SERVED_NAME
+    serving = OpenAIServing(engine, name, max_model_len=engine.engine.max_model_len,
+                            response_role=args.response_role,
+                            force_include_usage=args.enable_force_include_usage, chat_template=args.chat_template)
+    app = create_app(engine, serving, api_key=args.api_key, runpod_handler=_runpod_handler(engine, serving))
+    server_class = type("DrainingServer", (_Draining, uvicorn.Server), {})
+    server = server_class(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _runpod_handler(engine, serving):
+    """The RunPod worker's handler, when the worker package is installed alongside."""
+    try:
+        from minivllm.worker import load_config, make_handler
+    except ImportError as e:
+        logger.info("RunPod emulation routes are off (%s)", e)
+        return None
+    return make_handler(engine, serving, load_config())
+
+
+class _Draining:
+    """Mixed into uvicorn.Server: on SIGTERM/SIGINT /ready turns 503 at once, while in-flight
+    requests finish (uvicorn's graceful shutdown)."""
+
+    def handle_exit(self, sig, frame) -> None:
+        self.config.app.state.server.draining = True
+        super().handle_exit(sig, frame)
+
+
+def generate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from minivllm.llm import LLM
+    from minivllm.sampling_params import SamplingParams
+
+    engine_args = engine_args_from(parser, args)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.sampling_seed)
+    except ValueError as e:
+        parser.error(str(e))
+    llm = LLM(**engine_args.model_dump())
+    print(llm.generate(args.prompt, params, use_tqdm=False)[0].outputs[0].text)
+    return 0
+
+
+def write_tiny_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from minivllm.model.tiny import write_tiny_checkpoint
+
+    print(write_tiny_checkpoint(args.path, seed=args.seed))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args.parser, args)  # the subcommand's parser, so errors show its usage
+
+
+if __name__ == "__main__":
+    sys.exit(main())
