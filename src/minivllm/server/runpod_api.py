@@ -1,0 +1,210 @@
+"""RunPod's endpoint API, served locally over the same job handler as the worker.
+
+``POST /run`` queues a job -> ``{"id", "status": "IN_QUEUE"}``; ``POST /runsync`` runs it and
+answers ``{"id", "status", "output"}`` (``?wait=ms``, default 90 s, else ``IN_PROGRESS``);
+``GET|POST /stream/{id}`` returns the outputs produced since the last poll
+``{"id", "status", "stream": [{"output": ...}, ...]}`` (long-polls up to ``?wait=ms`` when nothing
+is new); ``GET|POST /status/{id}``; ``POST /cancel/{id}``. Statuses: IN_QUEUE, IN_PROGRESS,
+COMPLETED, FAILED, CANCELLED. As on RunPod with ``return_aggregate_stream``, a finished job's
+``output`` is the list of everything the handler yielded; an output with an ``error`` key fails
+the job with ``"error": str(output["error"])``. ``webhook`` in a /run body gets the final status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+logger = logging.getLogger(__name__)
+
+IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"
+_DONE = (COMPLETED, FAILED, CANCELLED)
+
+
+@dataclass
+class _Job:
+    id: str
+    input: Any
+    webhook: str | None = None
+    status: str = IN_QUEUE
+    outputs: list = field(default_factory=list)
+    streamed: int = 0  # outputs already handed out by /stream
+    error: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    ended: float | None = None
+    task: asyncio.Task | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def touch(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def status_body(self) -> dict:
+        body: dict[str, Any] = {"id": self.id, "status": self.status}
+        if self.started is not None:
+            body["delayTime"] = round((self.started - self.submitted) * 1000)
+            if self.ended is not None:
+                body["executionTime"] = round((self.ended - self.started) * 1000)
+        if self.status == COMPLETED:
+            body["output"] = self.outputs
+        if self.error is not None:
+            body["error"] = self.error
+        return body
+
+
+class _Jobs:
+    def __init__(self, handler, max_concurrency: int | None, result_ttl_s: float):
+        self.handler = handler
+        self.slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self.result_ttl_s = result_ttl_s
+        self.jobs: dict[str, _Job] = {}
+
+    def submit(self, job_input: Any, webhook: str | None, sync: bool) -> _Job:
+        self._evict()
+        job = _Job(("sync-" if sync else "") + str(uuid.uuid4()), job_input, webhook)
+        self.jobs[job.id] = job
+        job.task = asyncio.create_task(self._execute(job))
+        return job
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        for job_id in [j.id for j in self.jobs.values() if j.ended and now - j.ended > self.result_ttl_s]:
+            del self.jobs[job_id]
+
+    async def _execute(self, job: _Job) -> None:
+        try:
+            if self.slots is not None:
+                async with self.slots:
+                    await self._run(job)
+            else:
+                await self._run(job)
+        except asyncio.CancelledError:
+            job.status = CANCELLED
+        finally:
+            job.ended = time.monotonic()
+            job.touch()
+            if job.webhook:
+                asyncio.get_running_loop().run_in_executor(None, _post_webhook, job.webhook, job.status_body())
+
+    async def _run(self, job: _Job) -> None:
+        job.status, job.started = IN_PROGRESS, time.monotonic()
+        job.touch()
+        outputs = self.handler({"id": job.id, "input": job.input})
+        try:
+            async for output in outputs:
+                if isinstance(output, dict) and output.get("error"):
+                    job.status, job.error = FAILED, str(output["error"])
+                    return
+                job.outputs.append(output)
+                job.touch()
+            job.status = COMPLETED
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a handler bug; the worker's own handler yields errors instead
+            logger.exception("job %s: handler raised", job.id)
+            job.status, job.error = FAILED, f"handler error: {type(e).__name__}: {e}"
+        finally:
+            await outputs.aclose()
+
+
+def build_runpod_router(handler, *, max_concurrency: int | None = None,
+                        result_ttl_s: float = 1800.0) -> APIRouter:
+    """Routes emulating a RunPod endpoint around ``handler`` (an async generator function taking
+    ``{"id", "input"}``). ``max_concurrency`` jobs run at once; the rest wait IN_QUEUE."""
+    jobs = _Jobs(handler, max_concurrency, result_ttl_s)
+    router = APIRouter(tags=["RunPod"])
+
+    async def read_request(request: Request) -> tuple[Any, str | None] | JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body must be JSON: {\"input\": {...}}")
+        if not isinstance(body, dict) or "input" not in body:
+            return _error(400, "the body must be a JSON object with an \"input\"")
+        webhook = body.get("webhook")
+        if webhook is not None and not isinstance(webhook, str):
+            return _error(400, "webhook must be a URL string")
+        return body["input"], webhook
+
+    def find(job_id: str) -> _Job | JSONResponse:
+        job = jobs.jobs.get(job_id)
+        return job if job is not None else _error(404, f"job {job_id} not found")
+
+    @router.post("/run")
+    async def run(request: Request):
+        parsed = await read_request(request)
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        job = jobs.submit(*parsed, sync=False)
+        return {"id": job.id, "status": IN_QUEUE}
+
+    @router.post("/runsync")
+    async def runsync(request: Request, wait: int = 90_000):
+        parsed = await read_request(request)
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        job = jobs.submit(*parsed, sync=True)
+        # asyncio.wait: a client that goes away does not cancel the job.
+        await asyncio.wait({job.task}, timeout=_wait_s(wait))
+        return job.status_body()
+
+    async def stream(job_id: str, wait: int = 10_000):
+        job = find(job_id)
+        if isinstance(job, JSONResponse):
+            return job
+        if job.streamed == len(job.outputs) and job.status not in _DONE:
+            try:  # long-poll: until something new or the timeout
+                await asyncio.wait_for(job.changed.wait(), _wait_s(wait))
+            except asyncio.TimeoutError:
+                pass
+        new = job.outputs[job.streamed:]
+        job.streamed += len(new)
+        body = {"id": job.id, "status": job.status, "stream": [{"output": o} for o in new]}
+        if job.error is not None:
+            body["error"] = job.error
+        return body
+
+    async def status(job_id: str):
+        job = find(job_id)
+        return job if isinstance(job, JSONResponse) else job.status_body()
+
+    @router.post("/cancel/{job_id}")
+    async def cancel(job_id: str):
+        job = find(job_id)
+        if isinstance(job, JSONResponse):
+            return job
+        if job.status not in _DONE:
+            job.task.cancel()
+            await asyncio.wait({job.task})  # the handler has aborted its engine request
+        return {"id": job.id, "status": job.status}
+
+    router.add_api_route("/stream/{job_id}", stream, methods=["GET", "POST"])
+    router.add_api_route("/status/{job_id}", status, methods=["GET", "POST"])
+    return router
+
+
+def _wait_s(wait_ms: int) -> float:
+    return min(max(wait_ms, 0), 300_000) / 1000
+
+
+def _error(status_code: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code)
+
+
+def _post_webhook(url: str, body: dict) -> None:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=10).close()
+    except Exception as e:
+        logger.warning("webhook %s failed: %s", url, e)

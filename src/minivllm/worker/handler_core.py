@@ -1,0 +1,68 @@
+"""The RunPod job handler: one async generator for both job kinds, shared by src/handler.py and
+the HTTP server's /run emulation."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any, TextIO
+
+from minivllm.engine.async_engine import AsyncEngine
+from minivllm.worker.config import WorkerConfig
+from minivllm.worker.errors import job_error
+from minivllm.worker.job_input import JobInput, JobInputError
+from minivllm.worker.native_engine import NativeEngine
+from minivllm.worker.openai_engine import OpenAIEngine
+
+
+def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = None
+                 ) -> Callable[[dict], AsyncIterator[Any]]:
+    """``handler(job)``: an async generator of output batches for ``{"id", "input"}``.
+
+    Never raises for a bad job: it yields ``{"error": ...}`` (RunPod then fails the job). When its
+    task is cancelled, the engine request is aborted before the CancelledError propagates.
+    """
+    config = config or WorkerConfig()
+    native = NativeEngine(engine, config)
+    openai = OpenAIEngine(serving, config)
+
+    async def handler(job: dict) -> AsyncIterator[Any]:
+        raw = job.get("input") if isinstance(job, dict) else None
+        try:
+            job_input = JobInput.parse(raw)
+        except JobInputError as e:
+            yield job_error(str(e))
+            return
+        if job_input.openai_route is not None:
+            outputs = openai.generate(job_input)
+        else:
+            job_id = job.get("id") or "job"
+            outputs = native.generate(job_input, f"{job_id}-{uuid.uuid4().hex[:8]}")
+        async with aclosing(outputs):
+            async for output in outputs:
+                yield output
+
+    return handler
+
+
+def make_concurrency_modifier(config: WorkerConfig) -> Callable[[int], int]:
+    """RunPod's concurrency_modifier: always MAX_CONCURRENCY jobs at once."""
+    def concurrency_modifier(current: int) -> int:
+        return config.max_concurrency
+
+    return concurrency_modifier
+
+
+async def run_test_job(handler, job: dict, out: TextIO = sys.stdout) -> bool:
+    """Run one job to the end, printing every output as a JSON line (what runpod's own
+    --test_input cannot do for generator handlers). Returns False if the job failed."""
+    job = {"id": "local_test", **job}
+    ok = True
+    async for output in handler(job):
+        print(json.dumps(output, ensure_ascii=False), file=out, flush=True)
+        if isinstance(output, dict) and "error" in output:
+            ok = False
+    return ok
