@@ -1,11 +1,26 @@
-"""mini-vLLM: a GPT-OSS inference engine with vLLM's API."""
+"""mini-vLLM: a GPT-OSS inference engine with vLLM's API.
 
-from minivllm.config import EngineArgs
-from minivllm.engine.async_engine import AsyncEngine
-from minivllm.engine.llm_engine import LLMEngine
-from minivllm.llm import LLM
-from minivllm.outputs import CompletionOutput, Logprob, RequestOutput
-from minivllm.sampling_params import RequestOutputKind, SamplingParams
+Names are imported on first use, so light modules (the worker's config) load without torch.
+"""
 
-__all__ = ["LLM", "LLMEngine", "AsyncEngine", "EngineArgs", "SamplingParams", "RequestOutputKind",
-           "RequestOutput", "CompletionOutput", "Logprob"]
+import importlib
+
+_EXPORTS = {
+    "LLM": "minivllm.llm",
+    "LLMEngine": "minivllm.engine.llm_engine",
+    "AsyncEngine": "minivllm.engine.async_engine",
+    "EngineArgs": "minivllm.config",
+    "SamplingParams": "minivllm.sampling_params",
+    "RequestOutputKind": "minivllm.sampling_params",
+    "RequestOutput": "minivllm.outputs",
+    "CompletionOutput": "minivllm.outputs",
+    "Logprob": "minivllm.outputs",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'minivllm' has no attribute {name!r}")

@@ -6,10 +6,12 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # torch loads lazily: the worker parses its config before the ~2 s torch import
+    import torch
 
 
 class EngineArgs(BaseModel):
@@ -37,12 +39,16 @@ class EngineArgs(BaseModel):
     seed: int = Field(0, description="Seed of the engine's global random generator.")
     ops_backend: Literal["auto", "reference"] = Field("auto", description="Kernels: auto picks the fastest available.")
 
-    def resolved_device(self) -> torch.device:
+    def resolved_device(self) -> "torch.device":
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def resolved_dtype(self) -> torch.dtype:
+    def resolved_dtype(self) -> "torch.dtype":
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
@@ -134,8 +140,10 @@ class GptOssConfig:
         """K and V of all layers, per token, per element byte."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
-    def yarn_inv_freq_and_scale(self) -> tuple[torch.Tensor, float]:
+    def yarn_inv_freq_and_scale(self) -> tuple["torch.Tensor", float]:
         """NeoX YaRN inverse frequencies and the cos/sin scale (same math as the reference and HF)."""
+        import torch
+
         dim, base = self.head_dim, self.rope_theta
         pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         if self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "yarn":
