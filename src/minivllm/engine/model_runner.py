@@ -12,6 +12,7 @@ import logging
 import torch
 
 from minivllm.config import EngineArgs, GptOssConfig
+from minivllm.engine.cuda_graphs import DecodeGraphs, uncapturable_ops
 from minivllm.engine.sequence import Sequence
 from minivllm.model.gpt_oss import GptOssForCausalLM
 from minivllm.model.loader import load_weights
@@ -32,6 +33,20 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks(args, config)
         self.kv_cache = torch.zeros(config.num_hidden_layers, 2, self.num_blocks, self.block_size,
                                     config.num_key_value_heads, config.head_dim, dtype=self.dtype, device=self.device)
+        self.graphs = self._capture_graphs(args, config, max_model_len)
+
+    def _capture_graphs(self, args: EngineArgs, config: GptOssConfig, max_model_len: int) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or args.enforce_eager:
+            return None
+        blocked = uncapturable_ops(self.ops, config)
+        if blocked:
+            logger.info("CUDA graphs off: ops %s cannot be captured", ", ".join(blocked))
+            return None
+        try:
+            return DecodeGraphs(self.model, self.kv_cache, self.block_size, args.max_num_seqs, max_model_len)
+        except RuntimeError as e:
+            logger.warning("CUDA graphs off: capture failed (%s)", e)
+            return None
 
     def _num_kv_blocks(self, args: EngineArgs, config: GptOssConfig) -> int:
         if args.num_kv_blocks is not None:
@@ -78,7 +93,7 @@ class ModelRunner:
         ctx = AttentionContext(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             query_start_loc=query_start_loc, context_lens=context_lens,
-            block_tables=torch.tensor(tables, dtype=torch.long, device=dev), block_size=bs,
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev), block_size=bs,
         )
         return (torch.tensor(input_ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows)
@@ -88,5 +103,8 @@ class ModelRunner:
         """Logits (float32) of the last token of each sequence that finishes its prompt/step,
         followed by those of `prompt_rows` (step token indices whose prompt logprobs were asked for)."""
         input_ids, positions, ctx, sample_rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, ctx, self.kv_cache)
+        if self.graphs is not None and self.graphs.can_run(len(input_ids), ctx):
+            hidden = self.graphs.run(input_ids, positions, ctx)
+        else:
+            hidden = self.model(input_ids, positions, ctx, self.kv_cache)
         return self.model.compute_logits(hidden[sample_rows + prompt_rows if prompt_rows else sample_rows])

@@ -1,15 +1,16 @@
 """SM90 paged attention with learned sinks and sliding windows, behind the reference's signatures.
 
 Backends, fastest first:
-- FA3 (`flash_attn_interface`, the flash-attention `hopper/` build) when importable, for bf16/fp16
-  and the head dims our image builds (64): `flash_attn_with_kvcache` over the paged cache
+- FA3 (`flash_attn_interface`, the flash-attention `hopper/` build) when importable, for what our
+  image builds: bf16, head_dim 64: `flash_attn_with_kvcache` over the paged cache
   (`page_table`), varlen queries, window (W - 1, 0) on sliding layers, and the sink applied from the
   returned log-sum-exp: out * sigmoid(lse - sink).
 - The Triton kernels of `minivllm.kernels` (split-K decode, packed-GQA prefill), sinks in-kernel.
 - The torch reference for what neither handles (head_dim not a power of two in [16, 256]).
 
-`MINIVLLM_ATTENTION_BACKEND=fa3|triton` forces one (default `auto`); `ops_backend=reference` in
-the engine args forces the reference everywhere.
+`MINIVLLM_ATTENTION_BACKEND=triton` skips FA3, `=fa3` fails fast if FA3 is missing (default
+`auto`); shapes FA3 does not take (not bf16, other head dims, non-Hopper GPUs) use Triton either way.
+`ops_backend=reference` in the engine args forces the reference everywhere.
 
 Both functions read only tensors (no host sync, no per-step Python values baked into a launch
 except the batch size), so a decode step that uses them can be captured in a CUDA graph.
@@ -17,6 +18,8 @@ except the batch size), so a decode step that uses them can be captured in a CUD
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
@@ -28,12 +31,18 @@ from minivllm.kernels.attention_prefill import paged_prefill
 from minivllm.ops import reference
 from minivllm.ops.context import AttentionContext
 
+logger = logging.getLogger(__name__)
+
 try:
     from flash_attn_interface import flash_attn_with_kvcache
 except ImportError:
     flash_attn_with_kvcache = None
+except OSError as e:  # installed but its extension does not load (CUDA / torch mismatch)
+    logger.warning("FA3 (flash_attn_interface) does not load, using the Triton kernels: %s", e)
+    flash_attn_with_kvcache = None
 
 FA3_HEAD_DIMS = (64,)  # what the Dockerfile's FA3 build compiles (FLASHATTENTION_DISABLE_HDIM* else)
+FA3_DTYPES = (torch.bfloat16,)
 
 BACKEND = os.environ.get("MINIVLLM_ATTENTION_BACKEND", "auto")
 if BACKEND not in ("auto", "fa3", "triton"):
@@ -46,9 +55,14 @@ def _triton_supports(head_dim: int) -> bool:
     return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
+@functools.lru_cache
+def _is_hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
 def _fa3_supports(q: torch.Tensor) -> bool:
-    return (flash_attn_with_kvcache is not None and BACKEND != "triton" and q.is_cuda
-            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in FA3_HEAD_DIMS)
+    return (flash_attn_with_kvcache is not None and BACKEND != "triton" and q.is_cuda and _is_hopper(q.device)
+            and q.dtype in FA3_DTYPES and q.shape[-1] in FA3_HEAD_DIMS)
 
 
 def backend_for(q: torch.Tensor) -> str:
@@ -99,7 +113,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _triton_write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
-# Read by engine/cuda_graphs.py: True, or a predicate on head_dim (the reference fallback is not
-# capturable: it loops over the step's Python lengths).
-paged_attention.cuda_graph_safe = _triton_supports
+# Read by engine/cuda_graphs.py: True, or a predicate on the model config (the reference fallback
+# is not capturable: it loops over the step's Python lengths).
+paged_attention.cuda_graph_safe = lambda config: _triton_supports(config.head_dim)
 write_kv.cuda_graph_safe = True
