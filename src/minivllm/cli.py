@@ -100,14 +100,18 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
     engine_args = engine_args_from(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = AsyncEngine.from_engine_args(engine_args)
-    name = args.served_model_name or engine_args.model or DEFAULT_SERVED_NAME
-    serving = OpenAIServing(engine, name, max_model_len=engine.engine.max_model_len,
-                            response_role=args.response_role,
-                            force_include_usage=args.enable_force_include_usage, chat_template=args.chat_template)
-    app = create_app(engine, serving, api_key=args.api_key, runpod_handler=_runpod_handler(engine, serving))
-    server_class = type("DrainingServer", (_Draining, uvicorn.Server), {})
-    server = server_class(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    worker = _runpod_worker()
+    try:
+        engine = AsyncEngine.from_engine_args(engine_args)
+        name = args.served_model_name or engine_args.model or DEFAULT_SERVED_NAME
+        serving = OpenAIServing(engine, name, max_model_len=engine.engine.max_model_len,
+                                response_role=args.response_role, force_include_usage=args.enable_force_include_usage,
+                                chat_template=args.chat_template)
+    except (ValueError, OSError, RuntimeError) as e:  # bad model, checkpoint or template: one clear line
+        sys.exit(f"minivllm serve: {e}")
+    handler = worker[0](engine, serving, worker[1]) if worker else None
+    app = create_app(engine, serving, api_key=args.api_key, runpod_handler=handler)
+    server = draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     try:
         server.run()
@@ -116,23 +120,31 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return 0
 
 
-def _runpod_handler(engine, serving):
-    """The RunPod worker's handler, when the worker package is installed alongside."""
+def _runpod_worker():
+    """(make_handler, its config from the environment, as on RunPod) when the RunPod worker
+    package is installed alongside; its routes then run the very handler of src/handler.py."""
     try:
-        from minivllm.worker import load_config, make_handler
+        from minivllm.worker import WorkerConfig, make_handler
     except ImportError as e:
         logger.info("RunPod emulation routes are off (%s)", e)
         return None
-    return make_handler(engine, serving, load_config())
+    try:
+        return make_handler, WorkerConfig.load()
+    except ValueError as e:  # ConfigError: a bad worker env value, named in the message
+        sys.exit(f"minivllm serve: {e}")
 
 
-class _Draining:
-    """Mixed into uvicorn.Server: on SIGTERM/SIGINT /ready turns 503 at once, while in-flight
+def draining_server(config):
+    """A uvicorn.Server for our app: on SIGTERM/SIGINT /ready turns 503 at once, while in-flight
     requests finish (uvicorn's graceful shutdown)."""
+    import uvicorn
 
-    def handle_exit(self, sig, frame) -> None:
-        self.config.app.state.server.draining = True
-        super().handle_exit(sig, frame)
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            self.config.app.state.server.draining = True
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
 
 
 def generate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

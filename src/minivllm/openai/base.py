@@ -1,0 +1,137 @@
+"""What every OpenAI route shares: model check, length check, sampling params, the engine stream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from minivllm.engine.async_engine import AsyncEngine, EngineDeadError
+from minivllm.openai.errors import OpenAIError, bad_request, not_found
+from minivllm.openai.protocol import SamplingRequest
+from minivllm.outputs import RequestOutput
+from minivllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+class ServingBase:
+    def __init__(self, engine: AsyncEngine, model_name: str, max_model_len: int) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.tokenizer = engine.tokenizer
+        self.harmony = engine.tokenizer.harmony
+        self.vocab_size = engine.engine.model_config.vocab_size
+        # Set by the HTTP server to count requests in /metrics: called with the prompt length,
+        # returns an object with on_output(RequestOutput) and on_end().
+        self.request_observer: Callable[[int], Any] | None = None
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:  # absent or "": the served model
+            raise not_found(f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                            code="model_not_found")
+
+    def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> None:
+        if not token_ids:
+            raise bad_request("The prompt is empty.", param)
+        if any(not (0 <= t < self.vocab_size) for t in token_ids):
+            raise bad_request(f"Token ids must be in [0, {self.vocab_size}).", param)
+
+    def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, what: str,
+                           param: str = "max_tokens") -> int:
+        """The output budget; a request that cannot fit fails naming the numbers (vLLM's wording)."""
+        limit = self.max_model_len
+        if max_tokens is None:
+            if prompt_len >= limit:
+                raise bad_request(
+                    f"This model's maximum context length is {limit} tokens. However, your request has "
+                    f"{prompt_len} input tokens (in the {what}), which leaves no room for output. Please reduce "
+                    f"the length of the {what}.", what)
+            return limit - prompt_len
+        if prompt_len + max_tokens > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the completion). "
+                f"Please reduce the length of the {what} or completion.", param)
+        return max_tokens
+
+    def sampling_params(self, req: SamplingRequest, max_tokens: int, **extra) -> SamplingParams:
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported by this server.", "logit_bias")
+        values = {"n": req.n, "max_tokens": max_tokens, "min_tokens": min(req.min_tokens, max_tokens),
+                  "seed": req.seed, "stop": req.stop, "stop_token_ids": req.stop_token_ids,
+                  "ignore_eos": req.ignore_eos, "include_stop_str_in_output": req.include_stop_str_in_output,
+                  "output_kind": RequestOutputKind.DELTA}
+        optional = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+                    "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+                    "repetition_penalty": req.repetition_penalty}
+        values.update({k: v for k, v in optional.items() if v is not None})
+        values.update(extra)
+        try:
+            return SamplingParams(**values)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+        """The engine's DELTA stream; closing this iterator aborts the request (frees its KV)."""
+        tracker = self.request_observer(len(prompt_ids)) if self.request_observer else None
+        try:
+            stream = self.engine.generate({"prompt_token_ids": prompt_ids, "prompt": prompt_text}, params,
+                                          request_id)
+            async with aclosing(stream):
+                async for out in stream:
+                    if tracker is not None:
+                        tracker.on_output(out)
+                    yield out
+        except EngineDeadError as e:
+            raise OpenAIError(f"The engine is not running: {e}", 503) from None
+        except ValueError as e:  # the engine's own validation of the request
+            raise bad_request(str(e)) from None
+        except RuntimeError as e:  # a failed engine step fails its requests
+            raise OpenAIError(str(e), 500) from None
+        finally:
+            if tracker is not None:
+                tracker.on_end()
+
+
+async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave several streams as (stream index, item); closing the merge closes them all."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as stream:
+            async for item in stream:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async with aclosing(stream):
+                async for item in stream:
+                    queue.put_nowait((i, item, None))
+        except Exception as e:  # noqa: BLE001 -- re-raised in the consumer
+            queue.put_nowait((i, None, e))
+        else:
+            queue.put_nowait((i, done, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                remaining -= 1
+                continue
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

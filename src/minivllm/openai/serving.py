@@ -1,0 +1,94 @@
+"""One entry point for every OpenAI route: the HTTP server and the RunPod worker both call dispatch().
+
+    result = await serving.dispatch("/v1/chat/completions", body)
+
+returns the response object as a dict, or (when body["stream"] is true) an async iterator of
+chunk dicts, each one SSE event's JSON payload; the caller frames them (``data: ...``) and ends
+with ``data: [DONE]``. Closing that iterator early aborts the engine request. Bad input raises
+OpenAIError before any work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from minivllm.engine.async_engine import AsyncEngine
+from minivllm.openai.errors import OpenAIError, bad_request, not_found
+from minivllm.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from minivllm.openai.responses_protocol import ResponsesRequest
+from minivllm.openai.serving_chat import ChatServing
+from minivllm.openai.serving_completion import CompletionServing
+from minivllm.openai.serving_responses import ResponsesServing
+
+logger = logging.getLogger(__name__)
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, served_model_name: str, *, max_model_len: int,
+                 response_role: str = "assistant", force_include_usage: bool = False,
+                 chat_template: str | None = None) -> None:
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.max_model_len = max_model_len
+        self.chat = ChatServing(engine, served_model_name, max_model_len, response_role=response_role,
+                                force_include_usage=force_include_usage, chat_template=chat_template)
+        self.completion = CompletionServing(engine, served_model_name, max_model_len)
+        self.responses = ResponsesServing(self.chat)
+        self._routes: dict[str, tuple[type, Callable]] = {
+            "/chat/completions": (ChatCompletionRequest, self.chat.create),
+            "/completions": (CompletionRequest, self.completion.create),
+            "/responses": (ResponsesRequest, self.responses.create),
+        }
+
+    @property
+    def request_observer(self) -> Callable[[int], Any] | None:
+        return self.chat.request_observer
+
+    @request_observer.setter
+    def request_observer(self, observer: Callable[[int], Any] | None) -> None:
+        """Called with each request's prompt length; returns an object with on_output(out), on_end()."""
+        self.chat.request_observer = self.completion.request_observer = observer
+
+    async def dispatch(self, route: str, body: dict | None) -> dict | AsyncIterator[dict]:
+        path = _normalize(route)
+        if path == "/models":
+            return self.models()
+        if path.startswith("/models/"):
+            name = path[len("/models/"):]
+            if name != self.served_model_name:
+                raise not_found(f"The model `{name}` does not exist.", code="model_not_found")
+            return ModelCard(id=name, max_model_len=self.max_model_len).model_dump()
+        if path not in self._routes:
+            raise not_found(f"Unknown route {route!r}: this server serves /v1/models, /v1/chat/completions, "
+                            f"/v1/completions and /v1/responses.", code="unknown_url")
+        request_type, handler = self._routes[path]
+        if not isinstance(body, dict) or not body:
+            raise bad_request(f"{path[1:]} needs a JSON object as the request body.")
+        try:
+            request = request_type.model_validate(body)
+        except ValidationError as e:
+            raise OpenAIError.from_validation_error(e) from None
+        if request.model_extra:
+            logger.warning("ignoring unsupported request fields: %s", sorted(request.model_extra))
+        return await handler(request)
+
+    def models(self) -> dict:
+        return ModelList(data=[ModelCard(id=self.served_model_name, max_model_len=self.max_model_len)]).model_dump()
+
+
+def _normalize(route: str) -> str:
+    """'/openai/v1/chat/completions', '/v1/chat/completions', 'chat/completions' -> '/chat/completions'."""
+    path = "/" + route.split("?", 1)[0].strip().strip("/")
+    for prefix in ("/openai", "/v1"):
+        if path == prefix or path.startswith(prefix + "/"):
+            path = path[len(prefix):] or "/"
+    return path
