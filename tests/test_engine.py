@@ -265,3 +265,21 @@ def test_prompt_logprobs_match_hf_logits(tiny_mxfp4):
         entry = out.prompt_logprobs[pos]
         assert entry[prompt[pos]].logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
         assert len(entry) in (2, 3)
+
+
+def test_delta_outputs_report_each_choice_once_finished(llm):
+    engine = llm.engine
+    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    engine.add_request("delta", "hello there", params)
+    engine.requests["delta"].seqs[1].params = SamplingParams(max_tokens=2, ignore_eos=True)  # finishes early
+    seen: dict[int, list] = {0: [], 1: []}
+    finishes = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            for c in out.outputs:
+                seen[c.index] += c.token_ids
+                if c.finish_reason:
+                    finishes.append(c.index)
+    assert sorted(finishes) == [0, 1]
+    assert len(seen[0]) == 6 and len(seen[1]) == 2

@@ -216,6 +216,10 @@ class LLMEngine:
             visible = len(seq.text) if done else max(seq.sent_text_len, len(seq.text) - seq.params.stop_buffer_length)
             tokens = seq.output_token_ids
             if kind == RequestOutputKind.DELTA:
+                # Only choices with news: new tokens, or the finish not yet reported.
+                if seq.finish_reported or (len(tokens) == seq.sent_token_len and not done):
+                    continue
+                seq.finish_reported = done
                 text, token_ids = seq.text[seq.sent_text_len:visible], tokens[seq.sent_token_len:]
                 logprobs = seq.logprobs[seq.sent_token_len:] if seq.logprobs is not None else None
             else:
@@ -225,9 +229,12 @@ class LLMEngine:
                 index=seq.index, text=text, token_ids=token_ids,
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                 logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
+        metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
+                   "finished_time": time.monotonic() if finished else None}
+        first = request.seqs[0]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, finished,
-                             prompt_logprobs=request.seqs[0].prompt_logprobs, num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=metrics)
+                             prompt_logprobs=first.prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
+                             metrics=metrics)
 
     def stats(self) -> dict:
         return {

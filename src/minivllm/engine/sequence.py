@@ -50,6 +50,7 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(params.seed + index)
         self.sent_text_len = 0  # for DELTA outputs: what the caller has already received
         self.sent_token_len = 0
+        self.finish_reported = False  # DELTA outputs report a choice's finish once
         # Waiting-queue order: lower priority value first, then arrival (preempted ones keep theirs).
         self.sort_key = (request.priority, next(_arrival_counter))
 
