@@ -15,11 +15,18 @@ import typing
 from pydantic import ValidationError
 
 from minivllm.config import EngineArgs
+from minivllm.worker.config import DEFAULT_SERVED_MODEL_NAME, repo_id_of
 
-DEFAULT_SERVED_NAME = "minivllm-tiny-gpt-oss"  # the embedded default model's name
 
 logger = logging.getLogger("minivllm.cli")
 
+
+
+def served_name_of(model: str | None) -> str:
+    """The id clients see: the repo id (never a hub snapshot path), the embedded default's name."""
+    if model is None:
+        return DEFAULT_SERVED_MODEL_NAME
+    return repo_id_of(model) or model
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine", "EngineArgs fields (unset flags keep the schema's defaults)")
@@ -103,7 +110,7 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     worker = _runpod_worker()
     try:
         engine = AsyncEngine.from_engine_args(engine_args)
-        name = args.served_model_name or engine_args.model or DEFAULT_SERVED_NAME
+        name = args.served_model_name or served_name_of(engine_args.model)
         serving = OpenAIServing(engine, name, max_model_len=engine.engine.max_model_len,
                                 response_role=args.response_role, force_include_usage=args.enable_force_include_usage,
                                 chat_template=args.chat_template)
