@@ -37,7 +37,8 @@ class EngineArgs(BaseModel):
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
     seed: int = Field(0, description="Seed of the engine's global random generator.")
-    ops_backend: Literal["auto", "reference"] = Field("auto", description="Kernels: auto picks the fastest available.")
+    ops_backend: Literal["auto", "reference", "kernels"] = Field(
+        "auto", description="auto: compiled kernels where available; reference: pure torch; kernels: kernels or fail.")
 
     def resolved_device(self) -> "torch.device":
         import torch

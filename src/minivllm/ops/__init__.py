@@ -39,12 +39,14 @@ def get_ops(backend: str, device_type: str) -> Ops:
 
     `reference` forces pure torch everywhere. `auto` uses, on a CUDA device, each compiled kernel
     whose module imports (Triton MoE and paged attention from `minivllm.kernels`, the csrc
-    extension for the small fused ops) and the reference for the rest.
+    extension for the small fused ops) and the reference for the rest. `kernels` demands them all.
     """
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"unknown ops backend {backend!r}: expected 'auto' or 'reference'")
+    if backend not in ("auto", "reference", "kernels"):
+        raise ValueError(f"unknown ops backend {backend!r}: expected 'auto', 'reference' or 'kernels'")
+    if backend == "kernels" and device_type != "cuda":
+        raise ValueError("ops_backend='kernels' needs a CUDA device")
     if backend == "reference" or device_type != "cuda":
         return REFERENCE_OPS
     from minivllm.ops import sm90
 
-    return sm90.build_ops(REFERENCE_OPS)
+    return sm90.build_ops(REFERENCE_OPS, strict=backend == "kernels")

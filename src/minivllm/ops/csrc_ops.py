@@ -94,3 +94,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
         k = k.contiguous()
     q_out, k_out = _ext.rotary(q, k, positions.to(torch.int64).contiguous(), cos_sin_cache.contiguous())
     return q_out, k_out
+
+
+# Plain kernel launches or tensor math on every path: safe inside a captured decode graph.
+rms_norm.cuda_graph_safe = True
+rotary.cuda_graph_safe = True

@@ -22,11 +22,14 @@ _KERNELS = {
 }
 
 
-def build_ops(reference):
+def build_ops(reference, strict: bool = False):
+    """`strict` (ops_backend="kernels"): a kernel family that cannot load is an error, not a fallback."""
     chosen = {}
     for op, (module_name, fn_name) in _KERNELS.items():
         try:
             chosen[op] = getattr(importlib.import_module(module_name), fn_name)
         except (ImportError, AttributeError, RuntimeError) as e:
+            if strict:
+                raise RuntimeError(f"ops_backend='kernels' but the {op} kernel cannot load: {e}") from e
             logger.warning("ops.%s: using the torch reference (%s)", op, e)
     return dataclasses.replace(reference, name="sm90", **chosen)
