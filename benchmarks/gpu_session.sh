@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark (issues 6, 7, 8) in one device call; results land in $OUT.
+#
+#   bash benchmarks/fetch_gpu_wheels.sh      # here, once: the few wheels the device lacks -> .gpu_wheels/
+#   device: run(command="bash benchmarks/gpu_session.sh", carry=[".gpu_wheels"], timeout_s=570)
+#
+# Each step has its own time limit so one slow step cannot eat the others' device time.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+step() {  # step NAME SECONDS CMD...: run, log to $OUT/NAME.txt, never abort the session
+    local name=$1 limit=$2; shift 2
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo "rc=$?" >> "$OUT/$name.txt"
+    tail -n 25 "$OUT/$name.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
+pip install -q --no-index --find-links .gpu_wheels pydantic openai-harmony bpe-openai tqdm 2>&1 | tail -n 2
+pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 2
+export MINIVLLM_CACHE=${MINIVLLM_CACHE:-/tmp/minivllm-cache}
+
+step gpu_tests 240 python -m pytest -q -x tests/test_gpu_moe.py tests/test_gpu_attention.py
+step bench_moe 90 python benchmarks/bench_moe_gpu.py --profile
+step bench_attention 90 python benchmarks/bench_attention_gpu.py --json "$OUT/attention.json"
+step bench_engine 420 python benchmarks/bench_gpu.py --profile --out "$OUT/bench_gpu.json"
