@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from minivllm import LLM, SamplingParams
+from minivllm import LLM, RequestOutputKind, SamplingParams
 
 
 class NoWorkModel(torch.nn.Module):
@@ -37,7 +37,9 @@ def main() -> None:
     llm = LLM(None, max_num_seqs=args.num_seqs, num_kv_blocks=args.num_seqs * 40, max_model_len=512)
     engine = llm.engine
     engine.runner.model = NoWorkModel(args.vocab)
-    params = SamplingParams(temperature=0, max_tokens=args.steps + 10, ignore_eos=True)
+    # DELTA outputs every step, as the server and the worker consume them.
+    params = SamplingParams(temperature=0, max_tokens=args.steps + 10, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
     for i in range(args.num_seqs):
         engine.add_request(str(i), {"prompt_token_ids": [1000 + i] * 64}, params)
     while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:

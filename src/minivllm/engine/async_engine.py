@@ -111,8 +111,7 @@ class AsyncEngine:
                 self.last_error = e
                 self._fail_all(e)
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -137,11 +136,26 @@ class AsyncEngine:
             self.engine.abort_request(request_id)
             self._deliver(request_id, RuntimeError(f"engine step failed: {error}"))
 
+    def _deliver_step(self, outputs) -> None:
+        """One thread-safe hand-off per event loop per step, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
         if target is not None:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
+
+
+def _put_all(items: list) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)
 
 
 def _set_result(future: asyncio.Future) -> None:

@@ -214,17 +214,18 @@ class LLMEngine:
             done = seq.finish_reason is not None
             # Hold back text that may still turn out to be the start of a stop string.
             visible = len(seq.text) if done else max(seq.sent_text_len, len(seq.text) - seq.params.stop_buffer_length)
-            tokens = seq.output_token_ids
+            num_out = len(seq.token_ids) - seq.num_prompt_tokens
             if kind == RequestOutputKind.DELTA:
                 # Only choices with news: new tokens, or the finish not yet reported.
-                if seq.finish_reported or (len(tokens) == seq.sent_token_len and not done):
+                if seq.finish_reported or (num_out == seq.sent_token_len and not done):
                     continue
                 seq.finish_reported = done
-                text, token_ids = seq.text[seq.sent_text_len:visible], tokens[seq.sent_token_len:]
+                text = seq.text[seq.sent_text_len:visible]
+                token_ids = seq.token_ids[seq.num_prompt_tokens + seq.sent_token_len:]
                 logprobs = seq.logprobs[seq.sent_token_len:] if seq.logprobs is not None else None
             else:
-                text, token_ids, logprobs = seq.text[:visible], tokens, seq.logprobs
-            seq.sent_text_len, seq.sent_token_len = visible, len(tokens)
+                text, token_ids, logprobs = seq.text[:visible], seq.output_token_ids, seq.logprobs
+            seq.sent_text_len, seq.sent_token_len = visible, num_out
             completions.append(CompletionOutput(
                 index=seq.index, text=text, token_ids=token_ids,
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
