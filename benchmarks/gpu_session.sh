@@ -16,8 +16,15 @@ step() {  # step NAME SECONDS CMD...: run, log to $OUT/NAME.txt, never abort the
     tail -n 25 "$OUT/$name.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
-pip install -q --no-index --find-links .gpu_wheels pydantic openai-harmony bpe-openai tqdm 2>&1 | tail -n 2
+deps="pydantic openai-harmony bpe-openai tqdm"
+pip install -q --no-index --find-links .gpu_wheels $deps 2>&1 | tail -n 2 \
+    || pip install -q --break-system-packages --no-index --find-links .gpu_wheels $deps 2>&1 | tail -n 2
 pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 2
+if ! python -c "import minivllm.kernels" 2>/dev/null; then  # no usable setuptools there: map it by hand
+    ln -sfn ../../kernels src/minivllm/kernels
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+fi
+python -c "import minivllm.kernels, minivllm.tokenizer, pydantic; print('imports ok')"
 export MINIVLLM_CACHE=${MINIVLLM_CACHE:-/tmp/minivllm-cache}
 
 step gpu_tests 240 python -m pytest -q -x tests/test_gpu_moe.py tests/test_gpu_attention.py
