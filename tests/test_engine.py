@@ -283,3 +283,14 @@ def test_delta_outputs_report_each_choice_once_finished(llm):
                     finishes.append(c.index)
     assert sorted(finishes) == [0, 1]
     assert len(seen[0]) == 6 and len(seen[1]) == 2
+
+
+def test_n_choices_admitted_together_share_prompt_blocks(tiny_mxfp4):
+    llm = LLM(tiny_mxfp4, num_kv_blocks=64, block_size=4, max_model_len=128)
+    request = llm.engine.make_request("n3", {"prompt_token_ids": list(range(1000, 1030))}, SamplingParams(n=3))
+    llm.engine.add_request("n3", request)
+    llm.engine.step()  # all three choices are admitted in this one step
+    assert [s.num_cached_tokens for s in request.seqs] == [0, 28, 28]
+    assert request.seqs[1].block_table[:7] == request.seqs[0].block_table[:7]
+    llm.engine.abort_request("n3")
+    assert llm.engine.block_manager.num_free_blocks == 64

@@ -51,10 +51,17 @@ class LLM:
 
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm or len(requests) < 2) as bar:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        bar.update(1)
+        try:
+            with tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm or len(requests) < 2) as bar:
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
+            # A failed step (or Ctrl-C): drop this call's requests, else they keep their KV blocks
+            # and run again inside every later generate() call.
+            for r in requests:
+                self.engine.abort_request(r.request_id)
+            raise
         return [results[r.request_id] for r in requests]

@@ -112,6 +112,10 @@ class AsyncEngine:
                 self._fail_all(e)
                 continue
             self._deliver_step(outputs)
+        # Shut down: nothing will step these requests again; tell their callers rather than leave
+        # them waiting forever.
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDeadError("the engine was shut down"))
 
     def _drain_inbox(self) -> None:
         while True:
@@ -127,7 +131,9 @@ class AsyncEngine:
                     self._deliver(request.request_id, e)
             else:
                 _, request_id, done = message
-                self.engine.abort_request(request_id)
+                final = self.engine.abort_request(request_id)
+                if final is not None:  # a caller still iterating generate() gets its last output
+                    self._deliver(request_id, final)
                 if done is not None:
                     done.get_loop().call_soon_threadsafe(_set_result, done)
 
@@ -144,13 +150,20 @@ class AsyncEngine:
             if target is not None:
                 by_loop.setdefault(target[0], []).append((target[1], out))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            _call_soon(loop, _put_all, items)
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
         if target is not None:
             loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+            _call_soon(loop, stream.put_nowait, item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # that caller's event loop is closed: nobody is listening any more
+        pass
 
 
 def _put_all(items: list) -> None:

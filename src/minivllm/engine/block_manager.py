@@ -108,6 +108,20 @@ class BlockManager:
             seq.block_hashes.append(h)
             prev_hash = h
 
+    def uncache_uncomputed(self, seq: Sequence) -> None:
+        """Forget the hashes of blocks whose K/V the sequence has not written yet.
+
+        cache_full_blocks registers a step's blocks before the model runs; when that step fails,
+        they hold no (or stale) K/V and must never be matched by a later prompt.
+        """
+        keep = seq.num_computed_tokens // self.block_size
+        for i in range(keep, len(seq.block_hashes)):
+            block = self.blocks[seq.block_table[i]]
+            if self.hash_to_block.get(block.hash) == block.block_id:
+                del self.hash_to_block[block.hash]
+            block.hash, block.token_ids = None, ()
+        del seq.block_hashes[keep:]
+
     def free(self, seq: Sequence) -> None:
         # Tail blocks first, so the shared prefix blocks are the last to be evicted.
         for block_id in reversed(seq.block_table):

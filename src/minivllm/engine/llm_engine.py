@@ -57,6 +57,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not (0 <= t < vocab) for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            # The sampler indexes logits with them (min_tokens): an out-of-range id would fail the
+            # whole step, and with it every other request in the batch.
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
                              "(prompt + at least one generated token must fit)")
@@ -109,7 +113,12 @@ class LLMEngine:
         if not batch:
             return []
         prompt_rows, prompt_targets = self._prompt_logprob_rows(batch)
-        logits = self.runner.execute(batch, prompt_rows)
+        try:
+            logits = self.runner.execute(batch, prompt_rows)
+        except BaseException:
+            for seq, _ in batch:  # the step's blocks were registered for the prefix cache, never written
+                self.block_manager.uncache_uncomputed(seq)
+            raise
         to_sample = []
         for seq, num_new in batch:
             seq.num_computed_tokens += num_new
@@ -196,13 +205,16 @@ class LLMEngine:
                                        and token not in p.stop_token_ids) else token
             return
         if p.stop_strings and n_out >= p.min_tokens:
-            search_from = max(0, prev_len - max(len(s) for s in p.stop_strings) + 1)
-            for stop in p.stop_strings:
-                idx = seq.text.find(stop, search_from)
-                if idx != -1:
-                    seq.text = seq.text[:idx + len(stop)] if p.include_stop_str_in_output else seq.text[:idx]
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-                    return
+            # Only a match that ends in this token's text counts (vLLM's rule): one completed before
+            # min_tokens was reached stays ignored, and text already streamed is never cut. The
+            # earliest match wins, whatever the list order: one token may complete two stop strings.
+            found = [(idx, stop) for stop in p.stop_strings
+                     if (idx := seq.text.find(stop, max(0, prev_len - len(stop) + 1))) != -1]
+            if found:
+                idx, stop = min(found, key=lambda f: f[0])
+                seq.text = seq.text[:idx + len(stop)] if p.include_stop_str_in_output else seq.text[:idx]
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                return
         if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
@@ -224,7 +236,9 @@ class LLMEngine:
                 token_ids = seq.token_ids[seq.num_prompt_tokens + seq.sent_token_len:]
                 logprobs = seq.logprobs[seq.sent_token_len:] if seq.logprobs is not None else None
             else:
-                text, token_ids, logprobs = seq.text[:visible], seq.output_token_ids, seq.logprobs
+                # A copy: the engine keeps appending to seq.logprobs (from its own thread, under AsyncEngine).
+                logprobs = list(seq.logprobs) if seq.logprobs is not None else None
+                text, token_ids = seq.text[:visible], seq.output_token_ids
             seq.sent_text_len, seq.sent_token_len = visible, num_out
             completions.append(CompletionOutput(
                 index=seq.index, text=text, token_ids=token_ids,

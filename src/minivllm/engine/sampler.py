@@ -79,8 +79,15 @@ class Sampler:
             probs = probs.masked_fill(probs < mp * probs.amax(dim=-1, keepdim=True), 0.0)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, seq in enumerate(seqs):
-            if seq.generator is not None:  # seeded: its own stream, independent of the batch
+            if seq.generator is None:
+                continue
+            # Seeded: its own stream, independent of the batch. Sequence generators are CPU ones
+            # (made off the engine thread, where the device is unknown), and a CPU generator cannot
+            # fill a CUDA tensor: draw on the CPU and copy (also gives the same draws on any device).
+            if seq.generator.device == noise.device:
                 noise[row].exponential_(generator=seq.generator)
+            else:
+                noise[row] = torch.empty(noise.shape[1]).exponential_(generator=seq.generator).to(noise.device)
         return (probs / noise).argmax(dim=-1)
 
     def _logprobs(self, raw: torch.Tensor | None, tokens: list[int], seqs: list[Sequence]):

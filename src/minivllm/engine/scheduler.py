@@ -55,7 +55,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append((seq, num_new))
+                self._schedule(seq, num_new, scheduled)
                 budget -= num_new
                 i += 1
         # Admitting new work right after a preemption would only thrash the cache.
@@ -68,12 +68,19 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append((seq, num_new))
+            # Keep `running` most important first: then a preemption victim taken from running[i:]
+            # (the not yet scheduled part) is the least important running sequence overall, never a
+            # high-priority one while a lower-priority one that was admitted earlier keeps its blocks.
+            bisect.insort(self.running, seq)
+            self._schedule(seq, num_new, scheduled)
             budget -= num_new
-        for seq, num_new in scheduled:
-            self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
         return scheduled
+
+    def _schedule(self, seq: Sequence, num_new: int, scheduled: list) -> None:
+        scheduled.append((seq, num_new))
+        # Registered now, not after the loop: a sibling (n > 1) or another request with the same
+        # prefix admitted later in this very step already shares these blocks.
+        self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -63,6 +63,9 @@ class ServingBase:
     def sampling_params(self, req: SamplingRequest, max_tokens: int, **extra) -> SamplingParams:
         if req.logit_bias:
             raise bad_request("logit_bias is not supported by this server.", "logit_bias")
+        if any(not (0 <= t < self.vocab_size) for t in req.stop_token_ids or []):
+            # Checked here, not only by the engine: a stream has already sent its first chunk by then.
+            raise bad_request(f"stop_token_ids must be in [0, {self.vocab_size}).", "stop_token_ids")
         values = {"n": req.n, "max_tokens": max_tokens, "min_tokens": min(req.min_tokens, max_tokens),
                   "seed": req.seed, "stop": req.stop, "stop_token_ids": req.stop_token_ids,
                   "ignore_eos": req.ignore_eos, "include_stop_str_in_output": req.include_stop_str_in_output,
