@@ -65,7 +65,11 @@ class ModelRunner:
         return num_blocks
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
-        """Flatten the step's tokens; returns (input_ids, positions, ctx, rows to sample)."""
+        """Flatten the step's tokens; returns (input_ids, positions, ctx, rows to sample).
+
+        Everything is gathered into two host tensors and moved in one copy each (pinned and
+        asynchronous on a GPU), so preparing a step never waits on the device.
+        """
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -73,30 +77,39 @@ class ModelRunner:
         query_start_loc = [0]
         context_lens: list[int] = []
         sample_rows: list[int] = []
+        width = max(len(seq.block_table) for seq, _ in batch)
+        tables: list[int] = []
+        total = 0
         for seq, num_new in batch:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            start = seq.num_computed_tokens
+            end = start + num_new
             table = seq.block_table
-            if num_new == 1:
+            if num_new == 1:  # decode: the common case, kept cheap
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
-                for pos in range(start, end):
-                    slots.append(table[pos // bs] * bs + pos % bs)
-            query_start_loc.append(query_start_loc[-1] + num_new)
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend([table[pos // bs] * bs + pos % bs for pos in range(start, end)])
+            total += num_new
+            query_start_loc.append(total)
             context_lens.append(end)
             if end == seq.num_tokens:
-                sample_rows.append(query_start_loc[-1] - 1)
-        width = max(len(seq.block_table) for seq, _ in batch)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
-        dev = self.device
+                sample_rows.append(total - 1)
+            tables.extend(table)
+            if len(table) < width:
+                tables.extend([0] * (width - len(table)))
+        token_data = torch.tensor(input_ids + positions + slots, dtype=torch.long)
+        block_tables = torch.tensor(tables, dtype=torch.int32).view(len(batch), width)
+        if self.device.type == "cuda":
+            token_data = token_data.pin_memory().to(self.device, non_blocking=True)
+            block_tables = block_tables.pin_memory().to(self.device, non_blocking=True)
         ctx = AttentionContext(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=query_start_loc, context_lens=context_lens,
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev), block_size=bs,
+            slot_mapping=token_data[2 * total:], query_start_loc=query_start_loc, context_lens=context_lens,
+            block_tables=block_tables, block_size=bs,
         )
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows)
+        return token_data[:total], token_data[total:2 * total], ctx, sample_rows
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], prompt_rows: list[int] | None = None) -> torch.Tensor:
