@@ -20,8 +20,10 @@ def random_id(prefix: str) -> str:
 
 
 class ServingBase:
-    def __init__(self, engine: AsyncEngine, model_name: str, max_model_len: int) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, max_model_len: int, *,
+                 force_include_usage: bool = False) -> None:
         self.engine = engine
+        self.force_include_usage = force_include_usage  # ENABLE_FORCE_INCLUDE_USAGE: every stream
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.tokenizer = engine.tokenizer
@@ -30,6 +32,10 @@ class ServingBase:
         # Set by the HTTP server to count requests in /metrics: called with the prompt length,
         # returns an object with on_output(RequestOutput) and on_end().
         self.request_observer: Callable[[int], Any] | None = None
+
+    def include_usage(self, req: SamplingRequest) -> bool:
+        """Whether a stream ends with a usage chunk (and its other chunks carry "usage": null)."""
+        return self.force_include_usage or bool(req.stream_options and req.stream_options.include_usage)
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:  # absent or "": the served model

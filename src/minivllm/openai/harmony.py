@@ -19,6 +19,7 @@ import openai_harmony as oh
 logger = logging.getLogger(__name__)
 
 START, CHANNEL, MESSAGE, CONSTRAIN = 200006, 200005, 200008, 200003
+RETURN = 200002  # <|return|>: the end of a final answer, gpt-oss's EOS
 END_TOKENS = frozenset({200007, 200002, 200012})  # <|end|>, <|return|>, <|call|>
 REASONING, CONTENT, TOOL_CALL = "reasoning", "content", "tool_call"
 
@@ -67,6 +68,30 @@ class HarmonyOutputParser:
         events, self._pending = self._pending, []
         self._end_current(events, complete=False)
         return events
+
+    def cut_at_stop_string(self, events: list[Event], stop: str, keep: bool = False) -> None:
+        """The engine stopped on `stop` and cut its text there, but this parser reads token ids: the
+        stop string (and what followed it in the same token) is still in the open item. Cut it there
+        too, and out of this feed's `events` (text streamed by earlier feeds stays as sent)."""
+        if self._current is None:
+            return
+        item = self.items[self._current]
+        deltas = [text for kind, i, text in events if kind == "delta" and i == self._current]
+        # The engine's rule: only a match that ends in the last token's text counts.
+        start = max(0, len(item.text) - len(deltas[-1] if deltas else "") - len(stop) + 1)
+        at = item.text.find(stop, start)
+        if at == -1:  # it spanned harmony headers: nothing of it is in this item's text
+            return
+        end = at + len(stop) if keep else at
+        cut, item.text = len(item.text) - end, item.text[:end]
+        for n in range(len(events) - 1, -1, -1):
+            kind, i, text = events[n]
+            if cut <= 0:
+                break
+            if kind == "delta" and i == self._current:
+                kept = text[:max(0, len(text) - cut)]
+                cut -= len(text) - len(kept)
+                events[n] = (kind, i, kept)
 
     # ---- results ----------------------------------------------------------------------------
     def text_of(self, kind: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 
 class OpenAIRequest(BaseModel):
@@ -82,6 +82,13 @@ class SamplingRequest(OpenAIRequest):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n_null_is_one(cls, value):
+        # OpenAI documents n as "integer or null" and accepts an explicit null (clients that
+        # serialize every field send it): null is the default, one choice.
+        return 1 if value is None else value
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -41,7 +41,8 @@ class OpenAIServing:
         self.max_model_len = max_model_len
         self.chat = ChatServing(engine, served_model_name, max_model_len, response_role=response_role,
                                 force_include_usage=force_include_usage, chat_template=chat_template)
-        self.completion = CompletionServing(engine, served_model_name, max_model_len)
+        self.completion = CompletionServing(engine, served_model_name, max_model_len,
+                                            force_include_usage=force_include_usage)
         self.responses = ResponsesServing(self.chat)
         self._routes: dict[str, tuple[type, Callable]] = {
             "/chat/completions": (ChatCompletionRequest, self.chat.create),

@@ -14,6 +14,7 @@ from minivllm.openai.errors import bad_request
 from minivllm.openai.harmony import (
     CONTENT,
     REASONING,
+    RETURN,
     TOOL_CALL,
     Event,
     HarmonyOutputParser,
@@ -52,6 +53,10 @@ class ChoiceState:
     """One choice's progress; the streaming and non-streaming paths both fill it."""
 
     parser: HarmonyOutputParser
+    keep_stop_str: bool = False  # include_stop_str_in_output
+    # Stop tokens reported as EOS (stop_reason null, as vLLM does for the tokenizer's EOS): the route
+    # adds them to stop_token_ids, which would otherwise make the engine name them.
+    eos_ids: frozenset[int] = frozenset()
     num_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
@@ -71,19 +76,20 @@ class ChoiceState:
         if c.logprobs:
             self.logprobs.extend(c.logprobs)
         if c.finish_reason is not None:
+            if isinstance(c.stop_reason, str):  # a stop string: OpenAI leaves it out of the output
+                self.parser.cut_at_stop_string(events, c.stop_reason, self.keep_stop_str)
             events += self.parser.finish()
             tools_called = c.finish_reason == "stop" and self.parser.tool_calls
             self.finish_reason = "tool_calls" if tools_called else c.finish_reason
-            self.stop_reason = c.stop_reason
+            self.stop_reason = None if c.stop_reason in self.eos_ids else c.stop_reason
         return events
 
 
 class ChatServing(ServingBase):
     def __init__(self, engine, model_name: str, max_model_len: int, *, response_role: str = "assistant",
                  force_include_usage: bool = False, chat_template: str | None = None) -> None:
-        super().__init__(engine, model_name, max_model_len)
+        super().__init__(engine, model_name, max_model_len, force_include_usage=force_include_usage)
         self.response_role = response_role
-        self.force_include_usage = force_include_usage
         self.chat_template = ChatTemplate(chat_template) if chat_template else None
 
     # ---- prompt -----------------------------------------------------------------------------
@@ -136,11 +142,12 @@ class ChatServing(ServingBase):
         top_k = (req.top_logprobs or 0) if req.logprobs else None
         params = self.chat_sampling_params(req, max_tokens, top_k)
         request_id = random_id("chatcmpl-")
-        choices = [ChoiceState(HarmonyOutputParser(self.harmony, prompt.prefill, prompt.tools_enabled))
+        eos_ids = frozenset({RETURN}) - set(req.stop_token_ids or [])  # unless the user asked for it
+        choices = [ChoiceState(HarmonyOutputParser(self.harmony, prompt.prefill, prompt.tools_enabled),
+                               keep_stop_str=req.include_stop_str_in_output, eos_ids=eos_ids)
                    for _ in range(req.n)]
         if req.stream:
-            include_usage = self.force_include_usage or bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(request_id, prompt, params, choices, top_k, include_usage)
+            return self._stream(request_id, prompt, params, choices, top_k, self.include_usage(req))
         return await self._complete(request_id, prompt, params, choices, top_k)
 
     async def _complete(self, request_id: str, prompt: ChatPrompt, params: SamplingParams,

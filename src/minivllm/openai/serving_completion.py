@@ -75,8 +75,7 @@ class CompletionServing(ServingBase):
         choices = [ChoiceState(logprobs=CompletionLogprobs() if req.logprobs is not None else None)
                    for _ in range(len(prompts) * req.n)]
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(req, request_id, prompts, streams, choices, include_usage)
+            return self._stream(req, request_id, prompts, streams, choices, self.include_usage(req))
         return await self._complete(req, request_id, prompts, streams, choices)
 
     def _add(self, req: CompletionRequest, st: ChoiceState, prompt: Prompt, out, c) -> str:

@@ -66,7 +66,8 @@ class ResponsesServing:
                                              "max_output_tokens")
         params = chat.chat_sampling_params(req, max_tokens)
         run = _Run(req, random_id("resp_"), chat.model_name, tools,
-                   ChoiceState(HarmonyOutputParser(chat.harmony, prompt.prefill, prompt.tools_enabled)),
+                   ChoiceState(HarmonyOutputParser(chat.harmony, prompt.prefill, prompt.tools_enabled),
+                               keep_stop_str=req.include_stop_str_in_output),
                    len(prompt.token_ids))
         stream = chat.generate(prompt.token_ids, params, run.response_id)
         if req.stream:
