@@ -150,3 +150,10 @@ def test_time_limit_flushes_a_partial_batch():
 def test_time_limit_keeps_full_batches_and_growth():
     batches = _collect(_slow_source([0.0] * 13), BatchSize(50, 1, 3), 5.0)
     assert [len(b) for b, _ in batches] == [1, 3, 9]
+
+
+def test_best_of_from_worker_vllm_docs_is_accepted_when_it_equals_n():
+    job = JobInput.parse({"prompt": "hi", "sampling_params": {"n": 2, "best_of": 2}})
+    assert job.make_sampling_params().n == 2
+    with pytest.raises(JobInputError, match="best_of=3 is not supported"):
+        JobInput.parse({"prompt": "hi", "sampling_params": {"best_of": 3}}).make_sampling_params()

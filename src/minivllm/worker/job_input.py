@@ -97,8 +97,14 @@ class JobInput(BaseModel):
 
     def make_sampling_params(self) -> SamplingParams:
         """SamplingParams for a native job (max_tokens defaults to 100, as in worker-vllm)."""
+        raw = dict(self.sampling_params or {})
+        # worker-vllm's documented table has best_of; we sample exactly n, so only best_of == n fits.
+        best_of = raw.pop("best_of", None)
+        if best_of is not None and best_of != raw.get("n", 1):
+            raise JobInputError(f"sampling_params.best_of={best_of!r} is not supported: only best_of == n "
+                                "(or leave it out); ask for n choices instead")
         try:
-            checked = _SamplingParamsInput.model_validate(self.sampling_params or {})
+            checked = _SamplingParamsInput.model_validate(raw)
         except ValidationError as e:
             raise JobInputError(_explain(e, prefix="sampling_params.")) from None
         values = checked.model_dump(exclude_unset=True)
