@@ -1,6 +1,6 @@
 """Host overhead of one engine step: schedule + prepare inputs + sample + bookkeeping.
 
-    python benchmarks/bench_host_overhead.py --num-seqs 256 --steps 200
+    python benchmarks/bench_host_overhead.py --num-seqs 256 --steps 200 [--breakdown]
 
 The model is replaced by one that does no work (zero hidden states, zero logits over a small
 vocab), so what is timed is the engine's own Python and tensor bookkeeping. Goal: <= 0.5 ms/step.
@@ -9,6 +9,7 @@ vocab), so what is timed is the engine's own Python and tensor bookkeeping. Goal
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 
 import torch
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--vocab", type=int, default=1024, help="width of the stub logits")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print the median ms of each phase (adds a little timing overhead)")
     args = ap.parse_args()
     llm = LLM(None, max_num_seqs=args.num_seqs, num_kv_blocks=args.num_seqs * 40, max_model_len=512)
     engine = llm.engine
@@ -47,6 +50,7 @@ def main() -> None:
     assert len(engine.scheduler.running) == args.num_seqs
     for _ in range(5):
         engine.step()
+    phases = _time_phases(engine) if args.breakdown else None
     timings = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -57,6 +61,33 @@ def main() -> None:
     print(f"{args.num_seqs} running sequences, {args.steps} decode steps, no-work model (vocab {args.vocab})")
     print(f"per step: median {ms[len(ms) // 2]:.3f} ms, p10 {ms[len(ms) // 10]:.3f} ms, p90 {ms[9 * len(ms) // 10]:.3f} ms")
     print(f"per sequence: {ms[len(ms) // 2] / args.num_seqs * 1e3:.2f} us")
+    if phases is not None:
+        for name, values in phases.items():
+            values.sort()
+            print(f"  {name:<12} median {values[len(values) // 2] * 1e3:.3f} ms")
+
+
+def _time_phases(engine) -> dict[str, list[float]]:
+    """Wrap each phase of a step in a timer (instance attributes shadow the methods)."""
+    phases: dict[str, list[float]] = collections.defaultdict(list)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases[name].append(time.perf_counter() - start)
+        return wrapper
+
+    runner, model = engine.runner, engine.runner.model
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    runner.prepare = timed("prepare", runner.prepare)
+    model.forward = timed("model", model.forward)
+    model.compute_logits = timed("logits", model.compute_logits)
+    engine.sampler = timed("sample", engine.sampler)
+    engine._postprocess = timed("postprocess", engine._postprocess)
+    return phases
 
 
 if __name__ == "__main__":

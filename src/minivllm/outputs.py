@@ -1,11 +1,16 @@
-"""vLLM-shaped request outputs."""
+"""vLLM-shaped request outputs.
+
+The engine builds these every step, for every request (and every logprob): slots make them
+cheaper to build and smaller. It passes CompletionOutput's and RequestOutput's fields
+positionally: keep their order.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Logprob:
     logprob: float
     rank: int | None = None
@@ -16,7 +21,7 @@ class Logprob:
 SampleLogprobs = list[dict[int, Logprob]]
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
@@ -30,7 +35,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

@@ -113,6 +113,7 @@ class Tokenizer:
         self.stop_ids = tuple(self.harmony.stop_tokens_for_assistant_actions())  # return, call
         self.eos_token_ids = frozenset(self.stop_ids) | {ENDOFTEXT_ID}
         self._bytes_cache: dict[int, bytes] = {}
+        self._text_cache: dict[int, str] = {}  # IncrementalDetokenizer's: tokens that decode alone
 
     @property
     def vocab_size(self) -> int:
@@ -244,25 +245,38 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Streams text token by token; never splits a UTF-8 character across pieces.
 
-    Per token: one dict lookup for the bytes and one incremental-decoder step; no re-decoding.
+    Per token: one dict lookup for the text when no character is pending (the common case),
+    otherwise a dict lookup for the bytes and one incremental-decoder step; no re-decoding.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._cache = tokenizer._bytes_cache  # shared across streams; filled on first sight
+        self._texts = tokenizer._text_cache  # shared too: token -> text, from an empty decoder
         self._token_bytes = tokenizer.token_bytes
         self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
         # errors="replace": truly invalid bytes become U+FFFD instead of raising mid-stream.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = False  # the decoder holds the first bytes of an unfinished character
         self._pieces: list[str] = []
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the text it completed ("" while a character is incomplete)."""
         if token_id in self._skip:
             return ""
+        if not self._pending:
+            # From an empty decoder a token always decodes the same way: reuse that text.
+            piece = self._texts.get(token_id)
+            if piece is not None:
+                if piece:
+                    self._pieces.append(piece)
+                return piece
         b = self._cache.get(token_id)
         if b is None:
             b = self._token_bytes(token_id)
         piece = self._decoder.decode(b)
+        was_pending, self._pending = self._pending, bool(self._decoder.buffer)
+        if not was_pending and not self._pending:
+            self._texts[token_id] = piece
         if piece:
             self._pieces.append(piece)
         return piece
@@ -270,6 +284,7 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """End of sequence: bytes of a never-completed character come out as U+FFFD."""
         piece = self._decoder.decode(b"", final=True)
+        self._pending = False
         if piece:
             self._pieces.append(piece)
         return piece

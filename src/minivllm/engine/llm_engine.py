@@ -102,7 +102,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
                 seq.finish_reason = "abort"
-        return self._make_output(request)
+        return self._make_output(request, request.is_finished)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -122,7 +122,7 @@ class LLMEngine:
         to_sample = []
         for seq, num_new in batch:
             seq.num_computed_tokens += num_new
-            if seq.num_computed_tokens == seq.num_tokens:
+            if seq.num_computed_tokens == len(seq.token_ids):
                 to_sample.append(seq)
         if prompt_rows:
             self._record_prompt_logprobs(logits[len(to_sample):], prompt_targets)
@@ -180,7 +180,7 @@ class LLMEngine:
                 self.requests.pop(request.request_id, None)
             elif request.params.output_kind is RequestOutputKind.FINAL_ONLY:
                 continue
-            outputs.append(self._make_output(request))
+            outputs.append(self._make_output(request, finished))
         return outputs
 
     def _record_logprobs(self, seq: Sequence, token: int, lp) -> None:
@@ -193,63 +193,73 @@ class LLMEngine:
 
     def _append_text_and_check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        n_out = seq.num_output_tokens
-        prev_len = len(seq.text)
-        is_stop_token = n_out > p.min_tokens - 1 and (
-            (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids)
-        if not is_stop_token:  # a stop token's text never shows, whatever skip_special_tokens says
-            seq.text += seq.detokenizer.add(token)
-        if is_stop_token:
-            seq.finish_reason = "stop"
-            seq.stop_reason = None if (token in self.eos_token_ids and not p.ignore_eos
-                                       and token not in p.stop_token_ids) else token
-            return
-        if p.stop_strings and n_out >= p.min_tokens:
-            # Only a match that ends in this token's text counts (vLLM's rule): one completed before
-            # min_tokens was reached stays ignored, and text already streamed is never cut. The
-            # earliest match wins, whatever the list order: one token may complete two stop strings.
-            found = [(idx, stop) for stop in p.stop_strings
-                     if (idx := seq.text.find(stop, max(0, prev_len - len(stop) + 1))) != -1]
-            if found:
-                idx, stop = min(found, key=lambda f: f[0])
-                seq.text = seq.text[:idx + len(stop)] if p.include_stop_str_in_output else seq.text[:idx]
-                seq.finish_reason, seq.stop_reason = "stop", stop
+        n_out = len(seq.token_ids) - seq.num_prompt_tokens
+        if n_out >= p.min_tokens:
+            is_eos = token in self.eos_token_ids and not p.ignore_eos
+            if is_eos or token in p.stop_token_ids:
+                # A stop token's text never shows, whatever skip_special_tokens says.
+                seq.finish_reason = "stop"
+                seq.stop_reason = None if is_eos and token not in p.stop_token_ids else token
                 return
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+        piece = seq.detokenizer.add(token)
+        # No new text (a character still incomplete) can complete no stop string.
+        if piece:
+            prev_len = len(seq.text)
+            seq.text += piece
+            if p.stop_strings and n_out >= p.min_tokens and self._check_stop_strings(seq, prev_len):
+                return
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len:
             seq.finish_reason = "length"
 
-    def _make_output(self, request: Request) -> RequestOutput:
-        kind = request.params.output_kind
-        finished = request.is_finished
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, prev_len: int) -> bool:
+        """Finish the sequence at a stop string that ends in the text after prev_len, if any.
+
+        Only a match that ends in this token's text counts (vLLM's rule): one completed before
+        min_tokens was reached stays ignored, and text already streamed is never cut. The earliest
+        match wins, whatever the list order: one token may complete two stop strings.
+        """
+        p = seq.params
+        found = [(idx, stop) for stop in p.stop_strings
+                 if (idx := seq.text.find(stop, max(0, prev_len - len(stop) + 1))) != -1]
+        if not found:
+            return False
+        idx, stop = min(found, key=lambda f: f[0])
+        seq.text = seq.text[:idx + len(stop)] if p.include_stop_str_in_output else seq.text[:idx]
+        seq.finish_reason, seq.stop_reason = "stop", stop
+        return True
+
+    def _make_output(self, request: Request, finished: bool) -> RequestOutput:
+        delta = request.params.output_kind is RequestOutputKind.DELTA
         completions = []
         for seq in request.seqs:
             done = seq.finish_reason is not None
-            # Hold back text that may still turn out to be the start of a stop string.
-            visible = len(seq.text) if done else max(seq.sent_text_len, len(seq.text) - seq.params.stop_buffer_length)
             num_out = len(seq.token_ids) - seq.num_prompt_tokens
-            if kind == RequestOutputKind.DELTA:
-                # Only choices with news: new tokens, or the finish not yet reported.
-                if seq.finish_reported or (num_out == seq.sent_token_len and not done):
-                    continue
+            # DELTA: only choices with news: new tokens, or the finish not yet reported.
+            if delta and (seq.finish_reported or (num_out == seq.sent_token_len and not done)):
+                continue
+            text = seq.text
+            # Hold back text that may still turn out to be the start of a stop string.
+            visible = len(text) if done else max(seq.sent_text_len, len(text) - seq.stop_buffer_length)
+            if delta:
                 seq.finish_reported = done
-                text = seq.text[seq.sent_text_len:visible]
+                text = text[seq.sent_text_len:visible]
                 token_ids = seq.token_ids[seq.num_prompt_tokens + seq.sent_token_len:]
                 logprobs = seq.logprobs[seq.sent_token_len:] if seq.logprobs is not None else None
             else:
                 # A copy: the engine keeps appending to seq.logprobs (from its own thread, under AsyncEngine).
                 logprobs = list(seq.logprobs) if seq.logprobs is not None else None
-                text, token_ids = seq.text[:visible], seq.output_token_ids
+                text, token_ids = text[:visible], seq.token_ids[seq.num_prompt_tokens:]
             seq.sent_text_len, seq.sent_token_len = visible, num_out
+            # Positional arguments (one output per request per step: keywords would cost twice as much).
             completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=token_ids,
-                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+                seq.index, text, token_ids, seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs, seq.finish_reason, seq.stop_reason))
         metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
                    "finished_time": time.monotonic() if finished else None}
         first = request.seqs[0]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, finished,
-                             prompt_logprobs=first.prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
-                             metrics=metrics)
+                             first.prompt_logprobs, first.num_cached_tokens, metrics)
 
     def stats(self) -> dict:
         return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from minivllm.config import EngineArgs, GptOssConfig
@@ -34,6 +35,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(config.num_hidden_layers, 2, self.num_blocks, self.block_size,
                                     config.num_key_value_heads, config.head_dim, dtype=self.dtype, device=self.device)
         self.graphs = self._capture_graphs(args, config, max_model_len)
+        self._block_tables = HostBlockTables(args.max_num_seqs, -(-max_model_len // self.block_size))
 
     def _capture_graphs(self, args: EngineArgs, config: GptOssConfig, max_model_len: int) -> DecodeGraphs | None:
         if self.device.type != "cuda" or args.enforce_eager:
@@ -77,13 +79,13 @@ class ModelRunner:
         query_start_loc = [0]
         context_lens: list[int] = []
         sample_rows: list[int] = []
-        width = max(len(seq.block_table) for seq, _ in batch)
-        tables: list[int] = []
+        tables: list[list[int]] = []
         total = 0
         for seq, num_new in batch:
             start = seq.num_computed_tokens
             end = start + num_new
             table = seq.block_table
+            tables.append(table)
             if num_new == 1:  # decode: the common case, kept cheap
                 input_ids.append(seq.token_ids[start])
                 positions.append(start)
@@ -95,13 +97,11 @@ class ModelRunner:
             total += num_new
             query_start_loc.append(total)
             context_lens.append(end)
-            if end == seq.num_tokens:
+            if end == len(seq.token_ids):
                 sample_rows.append(total - 1)
-            tables.extend(table)
-            if len(table) < width:
-                tables.extend([0] * (width - len(table)))
-        token_data = torch.tensor(input_ids + positions + slots, dtype=torch.long)
-        block_tables = torch.tensor(tables, dtype=torch.int32).view(len(batch), width)
+        # numpy turns a list of ints into an array several times faster than torch.tensor does.
+        token_data = torch.from_numpy(np.array(input_ids + positions + slots, dtype=np.int64))
+        block_tables = self._block_tables.build(tables)
         if self.device.type == "cuda":
             token_data = token_data.pin_memory().to(self.device, non_blocking=True)
             block_tables = block_tables.pin_memory().to(self.device, non_blocking=True)
@@ -120,4 +120,40 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, ctx)
         else:
             hidden = self.model(input_ids, positions, ctx, self.kv_cache)
+        if len(sample_rows) == len(hidden) and not prompt_rows:
+            # Every row is sampled (sample_rows is then 0..n-1, as in any all-decode step): the
+            # hidden states are already in order, no gather needed.
+            return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden[sample_rows + prompt_rows if prompt_rows else sample_rows])
+
+
+class HostBlockTables:
+    """The step's block tables, padded with 0, built in a host buffer kept across steps.
+
+    Row i keeps the table of whatever sequence was in batch slot i last step and is rewritten
+    only when that table changed. In a decode-only stretch the batch barely changes and a table
+    gains a block once every block_size tokens, so most rows are reused instead of re-converting
+    every block id of every sequence each step.
+    """
+
+    def __init__(self, max_rows: int, max_width: int):
+        self._reset(max_rows, max_width)
+
+    def _reset(self, max_rows: int, max_width: int) -> None:
+        self.buf = np.zeros((max_rows, max_width), dtype=np.int32)
+        self.rows: list[list[int]] = [[] for _ in range(max_rows)]  # what each row of buf holds
+
+    def build(self, tables: list[list[int]]) -> torch.Tensor:
+        """(len(tables), longest table) int32 tensor; a copy, so the next step may reuse buf."""
+        width = max(map(len, tables))
+        if len(tables) > self.buf.shape[0] or width > self.buf.shape[1]:  # not expected; be safe
+            self._reset(max(len(tables), self.buf.shape[0]), max(width, self.buf.shape[1]))
+        buf, rows = self.buf, self.rows
+        for i, table in enumerate(tables):
+            if rows[i] != table:
+                old_len = len(rows[i])
+                buf[i, :len(table)] = table
+                if old_len > len(table):
+                    buf[i, len(table):old_len] = 0
+                rows[i] = list(table)
+        return torch.from_numpy(buf[:len(tables), :width].copy())

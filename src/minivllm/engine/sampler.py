@@ -30,6 +30,9 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         logits = logits.float()
+        if _all_plain_greedy(seqs):
+            # The common batch: nothing to adjust or report, so one argmax and one copy to the host.
+            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = logits.clone() if want_logprobs else logits
@@ -105,6 +108,20 @@ class Sampler:
             top = lp.topk(k) if k else None
             out.append((float(sampled), rank, top.indices.tolist() if k else [], top.values.tolist() if k else []))
         return out
+
+
+def _all_plain_greedy(seqs: list[Sequence]) -> bool:
+    """Every row greedy, with no logits adjustment and no logprobs: the argmax is the whole answer.
+
+    The same tests as SamplingParams.greedy and .adjusts_logits, spelled out: this runs for every
+    sequence every step, and the two property calls would cost more than the checks themselves.
+    """
+    for seq in seqs:
+        p = seq.params
+        if not (p.temperature < 1e-5 and p.logprobs is None and not (
+                p.min_tokens or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)):
+            return False
+    return True
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

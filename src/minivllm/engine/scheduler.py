@@ -47,6 +47,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._is_ready_decode(seq):
+                scheduled.append((seq, 1))
+                budget -= 1
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + num_new):
                 victim = max(self.running[i:], key=lambda s: s.sort_key)
@@ -75,6 +80,19 @@ class Scheduler:
             self._schedule(seq, num_new, scheduled)
             budget -= num_new
         return scheduled
+
+    def _is_ready_decode(self, seq: Sequence) -> bool:
+        """A decode whose token already has a KV slot and fills no block: the common case.
+
+        Scheduling it needs no new block (what ensure_slots would check) and registers nothing
+        for the prefix cache (what cache_full_blocks would do), so both calls can be skipped:
+        plain integer checks instead, as most steps are all decodes.
+        """
+        num_tokens = len(seq.token_ids)
+        computed = seq.num_computed_tokens
+        bm = self.block_manager
+        return (num_tokens - computed == 1 and computed < len(seq.block_table) * bm.block_size
+                and (not bm.enable_prefix_caching or num_tokens // bm.block_size <= len(seq.block_hashes)))
 
     def _schedule(self, seq: Sequence, num_new: int, scheduled: list) -> None:
         scheduled.append((seq, num_new))
