@@ -44,6 +44,16 @@ def tiny_dense(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def engine():
+    """One AsyncEngine on the embedded tiny model per test module that asks for it."""
+    from minivllm import AsyncEngine, EngineArgs
+
+    engine = AsyncEngine.from_engine_args(EngineArgs(model=None, num_kv_blocks=256, max_model_len=1024))
+    yield engine
+    engine.shutdown()
+
+
 def hf_model(path: str):
     from transformers import GptOssForCausalLM, Mxfp4Config
 

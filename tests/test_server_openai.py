@@ -20,7 +20,6 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response
 from prometheus_client.parser import text_string_to_metric_families
 
-from minivllm import AsyncEngine, EngineArgs
 from minivllm.openai import OpenAIServing
 from minivllm.server.app import create_app
 
@@ -29,8 +28,7 @@ MESSAGES = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
-def server():
-    engine = AsyncEngine.from_engine_args(EngineArgs(model=None, num_kv_blocks=256, max_model_len=1024))
+def server(engine):
     serving = OpenAIServing(engine, MODEL, max_model_len=engine.engine.max_model_len)
     app = create_app(engine, serving)
     sock = socket.socket()
@@ -50,7 +48,6 @@ def server():
     yield SimpleNamespace(url=url, engine=engine, app=app, serving=serving)
     srv.should_exit = True
     thread.join(timeout=10)
-    engine.shutdown()
     sock.close()
 
 

@@ -6,17 +6,10 @@ import json
 
 import pytest
 
-from minivllm import AsyncEngine, EngineArgs, SamplingParams
+from minivllm import SamplingParams
 from minivllm.openai import OpenAIError, OpenAIServing
 from minivllm.sampling_params import RequestOutputKind
 from minivllm.worker import WorkerConfig, make_concurrency_modifier, make_handler
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = AsyncEngine.from_engine_args(EngineArgs(model=None, num_kv_blocks=256, max_model_len=1024))
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,9 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
-from minivllm import AsyncEngine, EngineArgs
 from minivllm.openai import OpenAIServing
 from minivllm.server.runpod_api import build_runpod_router
 from minivllm.worker import WorkerConfig, make_handler
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = AsyncEngine.from_engine_args(EngineArgs(model=None, num_kv_blocks=256, max_model_len=1024))
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")
