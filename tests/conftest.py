@@ -1,5 +1,9 @@
 import os
+import socket
+import subprocess
+import time
 
+import httpx
 import pytest
 import torch
 
@@ -73,3 +77,24 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 def mixed_prompts(seed: int = 0, lengths=(3, 9, 17, 30, 45, 70)) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 199_000, (n,), generator=g).tolist() for n in lengths]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail with the process's output if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server process exited {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} never answered 200"
+        time.sleep(0.2)

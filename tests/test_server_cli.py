@@ -4,14 +4,14 @@ test as a real subprocess (API key, served model name, RunPod routes, SIGTERM)."
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
+
+from conftest import free_port, wait_until_up
 
 from minivllm.cli import build_parser, engine_args_from, main
 from minivllm.config import EngineArgs
@@ -66,12 +66,6 @@ def test_sigterm_turns_ready_off_first():
     assert app.state.server.draining and server.should_exit
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_subprocess(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -84,16 +78,7 @@ def test_serve_subprocess(tmp_path):
         text=True)
     auth = {"Authorization": "Bearer k3y"}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.2)
+        wait_until_up(proc, url + "/ready", timeout=60)
         assert httpx.get(url + "/v1/models").status_code == 401
         models = httpx.get(url + "/v1/models", headers=auth).json()
         assert [m["id"] for m in models["data"]] == ["smoke"] and models["data"][0]["max_model_len"] == 256

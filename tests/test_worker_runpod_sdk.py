@@ -5,7 +5,6 @@ import asyncio
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port, wait_until_up
 
 pytest.importorskip("runpod")
 
@@ -27,12 +27,6 @@ def worker_env(**extra) -> dict:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rp_api():
     port = free_port()
@@ -40,18 +34,8 @@ def rp_api():
                              "--rp_api_port", str(port)], env=worker_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"handler.py --rp_serve_api exited {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                if httpx.get(base + "/", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "runpod's API server did not come up"
-            time.sleep(0.2)
+        wait_until_up(proc, base + "/", timeout=90)
         with httpx.Client(base_url=base, timeout=60) as client:
             yield client
     finally:
