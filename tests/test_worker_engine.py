@@ -268,22 +268,23 @@ def test_openai_mid_stream_error_ends_the_job_with_the_error_body(engine):
 
 def test_cancelling_an_openai_stream_frees_its_kv_blocks(engine, serving):
     before = free_blocks(engine)
+    # The first batch is one event; the second would need the whole 500-token stream, so the
+    # second read is surely still waiting on the engine when it is cancelled.
     handler = handler_for(engine, serving, stream_flush_ms=0)
+    job = completion_job(True, max_tokens=500)
+    job.update(min_batch_size=1, max_batch_size=1000, batch_size_growth_factor=1000)
 
     async def main():
-        outputs = handler({"id": "c3", "input": completion_job(True, max_tokens=500)})
-        task = asyncio.ensure_future(outputs.__anext__())
-        await task
+        outputs = handler({"id": "c3", "input": job})
+        await outputs.__anext__()
         assert free_blocks(engine) < before
         task = asyncio.ensure_future(outputs.__anext__())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)
+        assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(200):  # the serving layer's stream closes; the engine thread frees the blocks
-            if free_blocks(engine) == before:
-                break
-            await asyncio.sleep(0.01)
-        assert free_blocks(engine) == before
+        assert free_blocks(engine) == before  # the cancel returned only after the abort freed them
+        assert not engine.engine.has_unfinished_requests()
 
     asyncio.run(main())

@@ -53,7 +53,8 @@ class AsyncEngine:
 
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; closing the iterator early aborts the request."""
+        """Stream a request's outputs. Closing the iterator early (or cancelling the task reading it)
+        aborts the request, and the close returns once its KV blocks are free."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         request_id = request_id or f"req-{next(_ids)}"
@@ -76,10 +77,13 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._send(("abort", request_id, None))
+                # Shielded: a cancelled caller still waits for the free, so "cancelled" means "freed".
+                await asyncio.shield(self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request; returns once its KV blocks are free."""
+        """Abort a request; returns once its KV blocks are free (at once if the engine is stopped)."""
+        if not self.is_running:
+            return
         done = asyncio.get_running_loop().create_future()
         self._send(("abort", request_id, done))
         await done
@@ -116,6 +120,7 @@ class AsyncEngine:
         # them waiting forever.
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError("the engine was shut down"))
+        self._answer_inbox_after_shutdown()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -135,7 +140,19 @@ class AsyncEngine:
                 if final is not None:  # a caller still iterating generate() gets its last output
                     self._deliver(request_id, final)
                 if done is not None:
-                    done.get_loop().call_soon_threadsafe(_set_result, done)
+                    _call_soon(done.get_loop(), _set_result, done)
+
+    def _answer_inbox_after_shutdown(self) -> None:
+        """Messages that arrived after the last drain: adds fail, aborts return (nothing to free)."""
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "add":
+                self._deliver(message[1].request_id, EngineDeadError("the engine was shut down"))
+            elif message[2] is not None:
+                _call_soon(message[2].get_loop(), _set_result, message[2])
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):

@@ -10,7 +10,6 @@ choices); ``finish_reason`` is set once that choice has finished. Non-stream: on
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -33,8 +32,7 @@ class NativeEngine:
 
     async def generate(self, job: JobInput, request_id: str) -> AsyncIterator[dict]:
         """Yield output batches, or one ``{"error": ...}``. If the job stops early (cancelled,
-        closed), its engine request is aborted and its KV blocks are free before this returns."""
-        finished = False
+        closed), its engine stream's close aborts the request and awaits the free of its KV blocks."""
         try:
             params = job.make_sampling_params()
             prompt = self._prompt(job)
@@ -50,7 +48,6 @@ class NativeEngine:
                     final = out  # FINAL_ONLY: the one and only output
                 yield _batch(final, [[c.text] for c in final.outputs],
                              [c.finish_reason for c in final.outputs], sum(len(c.token_ids) for c in final.outputs))
-            finished = True
         except (JobInputError, ValueError) as e:  # bad prompt or params, prompt too long, ...
             yield job_error(str(e))
         except EngineDeadError as e:
@@ -58,9 +55,6 @@ class NativeEngine:
         except Exception as e:
             logger.exception("native job %s failed", request_id)
             yield job_error(f"internal error: {type(e).__name__}: {e}")
-        finally:
-            if not finished and self.engine.is_running:
-                await asyncio.shield(self.engine.abort(request_id))
 
     def _prompt(self, job: JobInput):
         messages = job.messages
