@@ -1,6 +1,8 @@
+import contextlib
 import os
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -98,3 +100,23 @@ def wait_until_up(proc: subprocess.Popen, url: str, timeout: float) -> None:
             pass
         assert time.monotonic() < deadline, f"{url} never answered 200"
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """Run an ASGI app with uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

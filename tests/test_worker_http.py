@@ -2,17 +2,17 @@
 uvicorn server and the real engine."""
 
 import json
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 
 from minivllm.openai import OpenAIServing
 from minivllm.server.runpod_api import build_runpod_router
 from minivllm.worker import WorkerConfig, make_handler
+
+from conftest import serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +28,9 @@ def client(engine):
         app.state.webhooks.append(await request.json())
         return {}
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         client.app = app
         yield client
-    server.should_exit = True
-    thread.join(10)
 
 
 def free_blocks(engine) -> int:

@@ -117,7 +117,8 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     except (ValueError, OSError, RuntimeError) as e:  # bad model, checkpoint or template: one clear line
         sys.exit(f"minivllm serve: {e}")
     handler = worker[0](engine, serving, worker[1]) if worker else None
-    app = create_app(engine, serving, api_key=args.api_key, runpod_handler=handler)
+    app = create_app(engine, serving, api_key=args.api_key, runpod_handler=handler,
+                     runpod_max_concurrency=worker[1].max_concurrency if worker else None)
     server = draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     try:

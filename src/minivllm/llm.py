@@ -54,7 +54,12 @@ class LLM:
         try:
             with tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm or len(requests) < 2) as bar:
                 while self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
+                    outputs = self.engine.step()
+                    failed = self.engine.take_failed()
+                    if failed:
+                        request_id, error = failed[0]
+                        raise RuntimeError(f"request {request_id} failed: {type(error).__name__}: {error}") from error
+                    for out in outputs:
                         if out.finished:
                             results[out.request_id] = out
                             bar.update(1)

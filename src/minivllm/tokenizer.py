@@ -8,6 +8,7 @@ Everything is offline: openai-harmony would download ``o200k_base.tiktoken`` unl
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -100,6 +101,20 @@ def _tool_descriptions(tools: list[dict]) -> list[oh.ToolDescription]:
     return out
 
 
+@contextlib.contextmanager
+def _panics_as_value_errors(what: str):
+    """A panic in the Rust tokenizer surfaces as pyo3's PanicException, a BaseException that no
+    ``except Exception`` catches: for user input it is a bad request like any other."""
+    try:
+        yield
+    except Exception:
+        raise
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise ValueError(f"{what} cannot be tokenized: {e}") from None
+
+
 class Tokenizer:
     """o200k_harmony: plain-text encode/decode, token bytes, and harmony chat rendering."""
 
@@ -121,7 +136,8 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         # disallowed_special=(): "<|end|>" in user text stays ordinary text (no prompt injection).
-        return self.harmony.encode(text, disallowed_special=())
+        with _panics_as_value_errors("the prompt"):
+            return self.harmony.encode(text, disallowed_special=())
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
@@ -198,11 +214,12 @@ class Tokenizer:
             if tools:
                 dev = dev.with_function_tools(_tool_descriptions(tools))
             head.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, dev))
-        conv = oh.Conversation.from_messages(head + body)
         try:
-            if add_generation_prompt:
-                return self.harmony.render_conversation_for_completion(conv, oh.Role.ASSISTANT)
-            return self.harmony.render_conversation(conv)
+            with _panics_as_value_errors("the conversation"):
+                conv = oh.Conversation.from_messages(head + body)
+                if add_generation_prompt:
+                    return self.harmony.render_conversation_for_completion(conv, oh.Role.ASSISTANT)
+                return self.harmony.render_conversation(conv)
         except oh.HarmonyError as e:
             raise ValueError(f"cannot render conversation: {e}") from None
 

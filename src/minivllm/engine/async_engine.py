@@ -110,11 +110,14 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # a failed step fails its requests; the engine keeps serving
+            except Exception as e:  # every request failed alone too: fail the step's requests, keep serving
                 logger.exception("engine step failed")
                 self.last_error = e
                 self._fail_all(e)
                 continue
+            for request_id, error in self.engine.take_failed():  # one request's error: its stream only
+                self.last_error = error
+                self._deliver(request_id, RuntimeError(f"request failed: {type(error).__name__}: {error}"))
             self._deliver_step(outputs)
         # Shut down: nothing will step these requests again; tell their callers rather than leave
         # them waiting forever.

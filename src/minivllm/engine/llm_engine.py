@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +45,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
         self.sampler = Sampler(sorted(self.eos_token_ids), torch.Generator(self.runner.device).manual_seed(args.seed))
         self.requests: dict[str, Request] = {}
+        self.failed: list[tuple[str, Exception]] = []
 
     # ---- requests -----------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -55,12 +57,10 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        if any(not (0 <= t < vocab) for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if any(t >= vocab for t in params.stop_token_ids):
-            # The sampler indexes logits with them (min_tokens): an out-of-range id would fail the
-            # whole step, and with it every other request in the batch.
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        # The model and the sampler index tensors with these: an out-of-range id must fail here.
+        check_token_ids(token_ids, vocab, "prompt")
+        check_token_ids(params.stop_token_ids, vocab, "stop_token_ids")
+        check_token_ids(params.logit_bias or (), vocab, "logit_bias")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
                              "(prompt + at least one generated token must fit)")
@@ -107,11 +107,41 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def take_failed(self) -> list[tuple[str, Exception]]:
+        """Requests that failed (alone) since the last call, with their errors; they are already freed."""
+        failed, self.failed = self.failed, []
+        return failed
+
+    def _fail_request(self, request: Request, error: Exception) -> None:
+        logger.error("request %s failed: %s: %s", request.request_id, type(error).__name__, error)
+        self.abort_request(request.request_id)
+        self.failed.append((request.request_id, error))
+
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step. An error that one request causes fails that request only (see take_failed):
+        a failed phase is retried one request at a time to find who caused it, and the others go on.
+        An error that every request meets alone (the model itself is broken) is raised."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        groups = _by_request(batch)
+        try:
+            work = self._execute(batch)
+        except Exception:
+            if len(groups) == 1:
+                raise
+            work = self._isolate(groups, self._execute)
+        try:
+            result = self.sampler(work.logits, work.seqs)
+        except Exception:
+            work, result = self._sample_isolated(work)
+        if work.prompt_targets:
+            self._record_prompt_logprobs(work.prompt_logits, work.prompt_targets)
+        return self._postprocess(work.seqs, result)
+
+    def _execute(self, batch: list[tuple[Sequence, int]]) -> "StepWork":
+        """The model forward of a batch; sequences' computed-token counts move on only on success."""
         prompt_rows, prompt_targets = self._prompt_logprob_rows(batch)
         try:
             logits = self.runner.execute(batch, prompt_rows)
@@ -124,10 +154,39 @@ class LLMEngine:
             seq.num_computed_tokens += num_new
             if seq.num_computed_tokens == len(seq.token_ids):
                 to_sample.append(seq)
-        if prompt_rows:
-            self._record_prompt_logprobs(logits[len(to_sample):], prompt_targets)
-        result = self.sampler(logits[:len(to_sample)], to_sample)
-        return self._postprocess(to_sample, result)
+        return StepWork(to_sample, logits[:len(to_sample)], logits[len(to_sample):], prompt_targets)
+
+    def _isolate(self, groups: list[list[tuple[Sequence, int]]], run) -> "StepWork":
+        """Run ``run`` on each request's part of the batch alone; fail the requests whose part fails."""
+        parts = []
+        for group in groups:
+            try:
+                parts.append(run(group))
+            except Exception as error:
+                self._fail_request(group[0][0].request, error)
+        if not parts:
+            return StepWork([], torch.empty(0, 0), torch.empty(0, 0), [])
+        return StepWork([seq for p in parts for seq in p.seqs], torch.cat([p.logits for p in parts]),
+                        torch.cat([p.prompt_logits for p in parts]), [t for p in parts for t in p.prompt_targets])
+
+    def _sample_isolated(self, work: "StepWork") -> tuple["StepWork", SampleResult]:
+        """Sampling failed: sample each request's rows alone and fail the requests that fail."""
+        kept, token_ids, logprobs = [], [], []
+        for rows in _rows_by_request(work.seqs):
+            seqs = [work.seqs[r] for r in rows]
+            try:
+                result = self.sampler(work.logits[rows], seqs)
+            except Exception as error:
+                self._fail_request(seqs[0].request, error)
+                continue
+            kept += seqs
+            token_ids += result.token_ids
+            logprobs += result.logprobs
+        failed = {rid for rid, _ in self.failed}
+        targets = [t for t in work.prompt_targets if t[0].request.request_id not in failed]
+        keep_rows = [i for i, t in enumerate(work.prompt_targets) if t[0].request.request_id not in failed]
+        return (StepWork(kept, work.logits, work.prompt_logits[keep_rows], targets),
+                SampleResult(token_ids, logprobs))
 
     def _prompt_logprob_rows(self, batch) -> tuple[list[int], list[tuple[Sequence, int]]]:
         """Step rows whose logits score the next prompt token, for sequences that asked for them."""
@@ -163,13 +222,20 @@ class LLMEngine:
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs):
-            seq.token_ids.append(token)
             request = seq.request
-            if request.first_token_time is None:
-                request.first_token_time = now
-            if lp is not None:
-                self._record_logprobs(seq, token, lp)
-            self._append_text_and_check_stop(seq, token)
+            if seq.is_finished:  # its request failed earlier in this step
+                continue
+            try:
+                seq.token_ids.append(token)
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                if lp is not None:
+                    self._record_logprobs(seq, token, lp)
+                self._append_text_and_check_stop(seq, token)
+            except Exception as error:  # e.g. a detokenizer error: this request's alone
+                touched.pop(request.request_id, None)
+                self._fail_request(request, error)
+                continue
             if seq.finish_reason is not None:
                 self.scheduler.remove(seq)
             touched[request.request_id] = request
@@ -269,3 +335,34 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
         }
 
+
+
+@dataclass
+class StepWork:
+    """A step's model output: the sequences to sample and their logits rows, prompt-logprob rows."""
+
+    seqs: list[Sequence]
+    logits: torch.Tensor
+    prompt_logits: torch.Tensor
+    prompt_targets: list[tuple[Sequence, int]]
+
+
+def check_token_ids(token_ids, vocab_size: int, what: str) -> None:
+    """Raise ValueError naming the first id outside the vocabulary (vLLM's wording)."""
+    for t in token_ids:
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{what}: token id {t} is out of vocabulary (valid ids are 0 to {vocab_size - 1})")
+
+
+def _by_request(batch: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+    groups: dict[str, list[tuple[Sequence, int]]] = {}
+    for item in batch:
+        groups.setdefault(item[0].request.request_id, []).append(item)
+    return list(groups.values())
+
+
+def _rows_by_request(seqs: list[Sequence]) -> list[list[int]]:
+    rows: dict[str, list[int]] = {}
+    for i, seq in enumerate(seqs):
+        rows.setdefault(seq.request.request_id, []).append(i)
+    return list(rows.values())

@@ -1,6 +1,6 @@
 """Turns a step's logits into next tokens, following vLLM's SamplingParams semantics.
 
-Order: raw logprobs (what `logprobs` reports) -> min_tokens stop masking -> penalties -> greedy
+Order: raw logprobs (what `logprobs` reports) -> logit_bias -> min_tokens stop masking -> penalties -> greedy
 argmax, or temperature -> top-k -> top-p -> min-p -> draw. Draws use the exponential race
 (argmax of p / Exp(1)), one generator per seeded sequence, so a seeded request samples the same
 tokens alone or inside any batch.
@@ -56,6 +56,9 @@ class Sampler:
 
     def _adjust_row(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=row.device)
+            row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
         if seq.num_output_tokens < p.min_tokens:
             row[p.stop_token_ids] = float("-inf")
             if not p.ignore_eos:
@@ -119,7 +122,8 @@ def _all_plain_greedy(seqs: list[Sequence]) -> bool:
     for seq in seqs:
         p = seq.params
         if not (p.temperature < 1e-5 and p.logprobs is None and not (
-                p.min_tokens or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)):
+                p.min_tokens or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                or p.logit_bias)):
             return False
     return True
 
@@ -127,7 +131,7 @@ def _all_plain_greedy(seqs: list[Sequence]) -> bool:
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    ks = torch.tensor([k if k else vocab for k in top_k], device=logits.device).clamp(max=vocab)
+    ks = torch.tensor([min(k, vocab) if k else vocab for k in top_k], device=logits.device)
     positions = torch.arange(vocab, device=logits.device).unsqueeze(0)
     mask = positions >= ks.unsqueeze(1)
     ps = torch.tensor(top_p, device=logits.device).unsqueeze(1)

@@ -9,6 +9,7 @@ from contextlib import aclosing
 from typing import Any
 
 from minivllm.engine.async_engine import AsyncEngine, EngineDeadError
+from minivllm.engine.llm_engine import check_token_ids
 from minivllm.openai.errors import OpenAIError, bad_request, not_found
 from minivllm.openai.protocol import SamplingRequest
 from minivllm.outputs import RequestOutput
@@ -45,8 +46,28 @@ class ServingBase:
     def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> None:
         if not token_ids:
             raise bad_request("The prompt is empty.", param)
-        if any(not (0 <= t < self.vocab_size) for t in token_ids):
-            raise bad_request(f"Token ids must be in [0, {self.vocab_size}).", param)
+        self._check_vocab(token_ids, param)
+
+    def _check_vocab(self, token_ids, param: str) -> None:
+        try:
+            check_token_ids(token_ids, self.vocab_size, param)
+        except ValueError as e:
+            raise bad_request(str(e), param) from None
+
+    def logit_bias(self, req: SamplingRequest) -> dict[int, float] | None:
+        """OpenAI's {"token id": bias} -> {id: bias clamped to [-100, 100]}, as vLLM does."""
+        if not req.logit_bias:
+            return None
+        bias = {}
+        for key, value in req.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise bad_request(f"logit_bias: key {key!r} is not a token id (an integer string).",
+                                  "logit_bias") from None
+            bias[token] = min(100.0, max(-100.0, value))
+        self._check_vocab(bias, "logit_bias")
+        return bias
 
     def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, what: str,
                            param: str = "max_tokens") -> int:
@@ -67,14 +88,12 @@ class ServingBase:
         return max_tokens
 
     def sampling_params(self, req: SamplingRequest, max_tokens: int, **extra) -> SamplingParams:
-        if req.logit_bias:
-            raise bad_request("logit_bias is not supported by this server.", "logit_bias")
-        if any(not (0 <= t < self.vocab_size) for t in req.stop_token_ids or []):
-            # Checked here, not only by the engine: a stream has already sent its first chunk by then.
-            raise bad_request(f"stop_token_ids must be in [0, {self.vocab_size}).", "stop_token_ids")
+        # Checked here, not only by the engine: a stream has already sent its first chunk by then.
+        self._check_vocab(req.stop_token_ids or [], "stop_token_ids")
         values = {"n": req.n, "max_tokens": max_tokens, "min_tokens": min(req.min_tokens, max_tokens),
                   "seed": req.seed, "stop": req.stop, "stop_token_ids": req.stop_token_ids,
                   "ignore_eos": req.ignore_eos, "include_stop_str_in_output": req.include_stop_str_in_output,
+                  "logit_bias": self.logit_bias(req),
                   "output_kind": RequestOutputKind.DELTA}
         optional = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
                     "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,

@@ -147,11 +147,12 @@ class ChatServing(ServingBase):
                                keep_stop_str=req.include_stop_str_in_output, eos_ids=eos_ids)
                    for _ in range(req.n)]
         if req.stream:
-            return self._stream(request_id, prompt, params, choices, top_k, self.include_usage(req))
-        return await self._complete(request_id, prompt, params, choices, top_k)
+            return self._stream(request_id, prompt, params, choices, top_k, self.include_usage(req),
+                                req.return_token_ids)
+        return await self._complete(request_id, prompt, params, choices, top_k, req.return_token_ids)
 
     async def _complete(self, request_id: str, prompt: ChatPrompt, params: SamplingParams,
-                        choices: list[ChoiceState], top_k: int | None) -> dict:
+                        choices: list[ChoiceState], top_k: int | None, return_token_ids: bool) -> dict:
         cached = 0
         async with aclosing(self.generate(prompt.token_ids, params, request_id)) as stream:
             async for out in stream:
@@ -171,20 +172,32 @@ class ChatServing(ServingBase):
                                      stop_reason=st.stop_reason,
                                      logprobs=self._logprobs(st, 0, st.num_tokens, top_k)))
         response = ChatCompletionResponse(id=request_id, model=self.model_name, choices=result,
-                                          usage=self._usage(prompt, choices, cached))
-        return response.model_dump()
+                                          usage=self._usage(prompt, choices, cached)).model_dump()
+        if return_token_ids:  # vLLM's extra fields
+            response["prompt_token_ids"] = prompt.token_ids
+            for choice, st in zip(response["choices"], choices):
+                choice["token_ids"] = st.token_ids
+        return response
 
     async def _stream(self, request_id: str, prompt: ChatPrompt, params: SamplingParams,
-                      choices: list[ChoiceState], top_k: int | None, include_usage: bool) -> AsyncIterator[dict]:
+                      choices: list[ChoiceState], top_k: int | None, include_usage: bool,
+                      return_token_ids: bool) -> AsyncIterator[dict]:
         created = int(time.time())
 
-        def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None) -> dict:
+        def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None, token_ids=None) -> dict:
             c = ChatCompletionChunk(id=request_id, created=created, model=self.model_name,
                                     choices=[choice] if choice else [], usage=usage)
-            return c.model_dump(exclude=None if include_usage else {"usage"})
+            body = c.model_dump(exclude=None if include_usage else {"usage"})
+            if token_ids is not None:
+                body["choices"][0]["token_ids"] = token_ids
+            return body
 
         for i in range(len(choices)):
-            yield chunk(ChatChunkChoice(index=i, delta=DeltaMessage(role=self.response_role, content="")))
+            first = chunk(ChatChunkChoice(index=i, delta=DeltaMessage(role=self.response_role, content="")),
+                          token_ids=[] if return_token_ids else None)
+            if return_token_ids:
+                first["prompt_token_ids"] = prompt.token_ids
+            yield first
         cached = 0
         async with aclosing(self.generate(prompt.token_ids, params, request_id)) as stream:
             async for out in stream:
@@ -196,10 +209,13 @@ class ChatServing(ServingBase):
                     start = st.num_tokens
                     delta = self._delta(st, st.add(c))
                     logprobs = self._logprobs(st, start, st.num_tokens, top_k)
-                    if delta is None and st.finish_reason is None and not (logprobs and logprobs.content):
+                    new_ids = st.token_ids[start:] if return_token_ids else None
+                    if delta is None and st.finish_reason is None and not (logprobs and logprobs.content) \
+                            and not new_ids:
                         continue
                     yield chunk(ChatChunkChoice(index=c.index, delta=delta or DeltaMessage(), logprobs=logprobs,
-                                                finish_reason=st.finish_reason, stop_reason=st.stop_reason))
+                                                finish_reason=st.finish_reason, stop_reason=st.stop_reason),
+                                token_ids=new_ids)
         if include_usage:
             yield chunk(None, self._usage(prompt, choices, cached))
 

@@ -31,6 +31,7 @@ class ChoiceState:
     logprobs: CompletionLogprobs | None = None
     offset: int = 0  # text_offset of the next token
     num_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     started: bool = False
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -92,6 +93,7 @@ class CompletionServing(ServingBase):
                 text = prompt.text + text
         st.text.append(text)
         st.num_tokens += len(c.token_ids)
+        st.token_ids.extend(c.token_ids)
         if st.logprobs is not None and c.token_ids:
             st.offset = append_completion_logprobs(st.logprobs, c.token_ids, c.logprobs, st.offset)
         if c.finish_reason is not None:
@@ -112,8 +114,11 @@ class CompletionServing(ServingBase):
             choices=[CompletionChoice(index=i, text="".join(st.text), logprobs=st.logprobs,
                                       finish_reason=st.finish_reason, stop_reason=st.stop_reason)
                      for i, st in enumerate(choices)],
-            usage=self._usage(prompts, choices, cached))
-        return response.model_dump()
+            usage=self._usage(prompts, choices, cached)).model_dump()
+        if req.return_token_ids:  # vLLM's extra fields, per choice (prompts differ between choices)
+            for i, (choice, st) in enumerate(zip(response["choices"], choices)):
+                choice["prompt_token_ids"], choice["token_ids"] = prompts[i // n].token_ids, st.token_ids
+        return response
 
     async def _stream(self, req, request_id, prompts, streams, choices, include_usage) -> AsyncIterator[dict]:
         created, n = int(time.time()), req.n
@@ -132,10 +137,18 @@ class CompletionServing(ServingBase):
                     st = choices[i]
                     if st.finish_reason is not None:  # finished choices are reported again
                         continue
+                    first = not st.started
                     text = self._add(req, st, prompts[p], out, c)
-                    if text or c.finish_reason is not None or (st.logprobs is not None and st.logprobs.tokens):
-                        yield chunk(CompletionChoice(index=i, text=text, logprobs=_take(st),
-                                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                    new_ids = c.token_ids if req.return_token_ids else None
+                    if text or c.finish_reason is not None or (st.logprobs is not None and st.logprobs.tokens) \
+                            or new_ids or (first and req.return_token_ids):
+                        body = chunk(CompletionChoice(index=i, text=text, logprobs=_take(st),
+                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                        if req.return_token_ids:
+                            body["choices"][0]["token_ids"] = list(c.token_ids)
+                            if first:
+                                body["choices"][0]["prompt_token_ids"] = prompts[p].token_ids
+                        yield body
         if include_usage:
             yield chunk(None, self._usage(prompts, choices, cached))
 

@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minivllm.engine.async_engine import AsyncEngine
+from minivllm.input_checks import parse_json
 from minivllm.openai.base import random_id
 from minivllm.openai.errors import OpenAIError
 from minivllm.openai.serving import OpenAIServing
@@ -58,7 +60,7 @@ class ServerState:
 
 
 def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | None = None,
-               runpod_handler=None) -> FastAPI:
+               runpod_handler=None, runpod_max_concurrency: int | None = None) -> FastAPI:
     state = ServerState(engine)
     metrics = ServerMetrics(engine, serving.served_model_name)
     serving.request_observer = metrics.track_request
@@ -96,9 +98,9 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
             raw = await request.body()
             if raw:
                 try:
-                    body = json.loads(raw)
+                    body = parse_json(raw)
                 except ValueError as e:
-                    raise OpenAIError(f"The request body is not valid JSON: {e}", 400) from None
+                    raise OpenAIError(str(e), 400) from None
         result = await _unless_disconnected(request, serving.dispatch(route, body))
         if result is None:  # the client left; nobody reads this
             return Response(status_code=499)
@@ -120,6 +122,14 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
         message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else str(exc.detail)
         return JSONResponse(OpenAIError(message, exc.status_code).to_dict(), status_code=exc.status_code)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's own checks (query parameters): a 400 in the shape of the route's other errors."""
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        if request.url.path.startswith(("/v1/", "/openai/")):
+            return JSONResponse(OpenAIError(message, 400).to_dict(), status_code=400)
+        return JSONResponse({"error": message}, status_code=400)
+
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
@@ -129,7 +139,7 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
     if runpod_handler is not None:
         from minivllm.server.runpod_api import build_runpod_router
 
-        app.include_router(build_runpod_router(runpod_handler))
+        app.include_router(build_runpod_router(runpod_handler, max_concurrency=runpod_max_concurrency))
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     return app

@@ -24,6 +24,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from minivllm.input_checks import parse_json
+
 logger = logging.getLogger(__name__)
 
 IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"
@@ -108,9 +110,9 @@ class _Jobs:
                 job.outputs.append(output)
                 job.touch()
             job.status = COMPLETED
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             raise
-        except Exception as e:  # a handler bug; the worker's own handler yields errors instead
+        except BaseException as e:  # a handler bug (the worker's handler yields errors): FAILED, never stuck
             logger.exception("job %s: handler raised", job.id)
             job.status, job.error = FAILED, f"handler error: {type(e).__name__}: {e}"
         finally:
@@ -126,9 +128,10 @@ def build_runpod_router(handler, *, max_concurrency: int | None = None,
 
     async def read_request(request: Request) -> tuple[Any, str | None] | JSONResponse:
         try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "the body must be JSON: {\"input\": {...}}")
+            # Strings are the job's to check: as on RunPod, bad text fails the job, not the submit.
+            body = parse_json(await request.body(), check_strings=False)
+        except ValueError as e:
+            return _error(400, f"{e} Send {{\"input\": {{...}}}}.")
         if not isinstance(body, dict) or "input" not in body:
             return _error(400, "the body must be a JSON object with an \"input\"")
         webhook = body.get("webhook")

@@ -3,7 +3,9 @@ the HTTP server's /run emulation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +18,8 @@ from minivllm.worker.errors import job_error
 from minivllm.worker.job_input import JobInput, JobInputError
 from minivllm.worker.native_engine import NativeEngine
 from minivllm.worker.openai_engine import OpenAIEngine
+
+logger = logging.getLogger(__name__)
 
 
 def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = None
@@ -41,9 +45,15 @@ def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = Non
         else:
             job_id = job.get("id") or "job"
             outputs = native.generate(job_input, f"{job_id}-{uuid.uuid4().hex[:8]}")
-        async with aclosing(outputs):
-            async for output in outputs:
-                yield output
+        try:
+            async with aclosing(outputs):
+                async for output in outputs:
+                    yield output
+        except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # e.g. a Rust panic (not an Exception): the job fails, never hangs
+            logger.exception("job %s failed", job.get("id"))
+            yield job_error(f"internal error: {type(e).__name__}: {e}")
 
     return handler
 

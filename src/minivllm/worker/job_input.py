@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from minivllm.input_checks import check_text
 from minivllm.sampling_params import SamplingParams
 
 NATIVE_MAX_TOKENS = 100  # worker-vllm's default for native jobs (SamplingParams says 16)
@@ -66,6 +67,12 @@ class JobInput(BaseModel):
             raise JobInputError(f"job input is not valid JSON: {e}") from None
         except ValueError:
             raise JobInputError("job input is not valid JSON: it holds NaN or Infinity") from None
+        except RecursionError:
+            raise JobInputError("job input is nested too deeply") from None
+        try:
+            check_text(raw)
+        except ValueError as e:
+            raise JobInputError(f"job input: {e}") from None
         try:
             job = cls.model_validate(raw)
         except ValidationError as e:
