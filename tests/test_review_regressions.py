@@ -49,12 +49,17 @@ def test_failed_step_does_not_poison_the_prefix_cache(llm):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_llm_generate_recovers_after_a_failed_step(llm):
+def test_llm_generate_recovers_after_a_failed_step(llm, monkeypatch):
     engine = llm.engine
     params = SamplingParams(max_tokens=3, **GREEDY)
-    _fail_next_execute(engine)
-    with pytest.raises(RuntimeError, match="injected"):
-        llm.generate(["one", "two"], params, use_tqdm=False)
+
+    def broken(*args, **kwargs):  # fails for every request, also when retried one request at a time
+        raise RuntimeError("injected step failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.runner, "execute", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            llm.generate(["one", "two"], params, use_tqdm=False)
     # The failed call's requests must not linger (holding KV blocks, running inside later calls).
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

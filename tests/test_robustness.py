@@ -75,7 +75,7 @@ OUT_OF_RANGE = [
     ({"seed": -(2**63) - 1}, "seed", "greater than or equal to -9223372036854775808"),
     ({"min_tokens": 2**70}, "min_tokens", "less than or equal to"),
     ({"stop_token_ids": [2**64]}, "stop_token_ids", "less than or equal to"),
-    ({"stop_token_ids": [300000]}, "stop_token_ids", "201088"),
+    ({"stop_token_ids": [300000]}, "stop_token_ids", "token id 300000 is out of vocabulary"),
     ({"n": 10**30}, "n", "less than or equal to 128"),
 ]
 

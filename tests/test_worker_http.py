@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 from minivllm.openai import OpenAIServing
-from minivllm.server.runpod_api import build_runpod_router
+from minivllm.server.runpod_api import RunPodJobs, build_runpod_router
 from minivllm.worker import WorkerConfig, make_handler
 
 from conftest import serve_in_thread
@@ -20,7 +20,7 @@ def client(engine):
     serving = OpenAIServing(engine, "tiny-gpt-oss", max_model_len=1024)
     handler = make_handler(engine, serving, WorkerConfig(stream_flush_ms=0))
     app = FastAPI()
-    app.include_router(build_runpod_router(handler, max_concurrency=2))
+    app.include_router(build_runpod_router(RunPodJobs(handler, max_concurrency=2)))
     app.state.webhooks = []
 
     @app.post("/hook")

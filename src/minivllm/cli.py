@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="send usage at the end of every stream, asked for or not")
     serve.add_argument("--chat-template", help="Jinja chat template (file or text) instead of harmony rendering")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--shutdown-drain-s", type=float, default=os.environ.get("SHUTDOWN_DRAIN_S", "30"),
+                       help="on SIGTERM, seconds running requests and RunPod jobs get to finish before "
+                            "they are aborted / failed (default: $SHUTDOWN_DRAIN_S or 30)")
     add_engine_args(serve)
     serve.set_defaults(func=serve_command, parser=serve)
 
@@ -118,8 +121,11 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         sys.exit(f"minivllm serve: {e}")
     handler = worker[0](engine, serving, worker[1]) if worker else None
     app = create_app(engine, serving, api_key=args.api_key, runpod_handler=handler,
-                     runpod_max_concurrency=worker[1].max_concurrency if worker else None)
-    server = draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+                     runpod_max_concurrency=worker[1].max_concurrency if worker else None,
+                     shutdown_drain_s=args.shutdown_drain_s)
+    # uvicorn's own limit comes a little after ours: by then every stream was told it was aborted.
+    server = draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                            timeout_graceful_shutdown=args.shutdown_drain_s + 5))
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     try:
         server.run()
@@ -143,14 +149,17 @@ def _runpod_worker():
 
 
 def draining_server(config):
-    """A uvicorn.Server for our app: on SIGTERM/SIGINT /ready turns 503 at once, while in-flight
-    requests finish (uvicorn's graceful shutdown)."""
+    """A uvicorn.Server for our app: on SIGTERM/SIGINT /ready and new requests turn 503 at once,
+    in-flight requests and RunPod jobs get the drain limit to finish, then the process exits 0."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            self.config.app.state.server.draining = True
+            self.config.app.state.server.request_drain()
             super().handle_exit(sig, frame)
+            # uvicorn re-raises a caught signal once shut down (the exit status would read "killed by
+            # SIGTERM"); a drained shutdown is the clean exit an orchestrator expects: status 0.
+            self._captured_signals.clear()
 
     return DrainingServer(config)
 

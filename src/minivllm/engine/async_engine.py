@@ -60,7 +60,9 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(_ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.engine.make_request(request_id, prompt, params, priority)
+        # Tokenizing and checking a prompt is O(its length): in a thread, so a huge prompt never
+        # stalls the event loop (health checks, other streams).
+        request = await asyncio.to_thread(self.engine.make_request, request_id, prompt, params, priority)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request))
@@ -87,6 +89,19 @@ class AsyncEngine:
         done = asyncio.get_running_loop().create_future()
         self._send(("abort", request_id, done))
         await done
+
+    @property
+    def num_streams(self) -> int:
+        """Requests someone is streaming right now."""
+        return len(self._streams)
+
+    def abort_all(self) -> int:
+        """Abort every request someone is streaming (shutdown); their streams end with "abort".
+        Returns how many there were."""
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            self._send(("abort", request_id, None))
+        return len(request_ids)
 
     async def stats(self) -> dict:
         return self.engine.stats()

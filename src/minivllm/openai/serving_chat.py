@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -132,10 +133,10 @@ class ChatServing(ServingBase):
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs to be true.", "top_logprobs")
         named = req.tool_choice.function.name if not isinstance(req.tool_choice, (str, type(None))) else None
-        prompt = self.render_prompt(
-            req.messages, tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
-            tool_choice="named" if named else req.tool_choice, named_tool=named,
-            reasoning_effort=req.reasoning_effort, response_format=req.response_format)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        prompt = await asyncio.to_thread(  # O(input) work stays off the event loop
+            self.render_prompt, req.messages, tools=tools, tool_choice="named" if named else req.tool_choice,
+            named_tool=named, reasoning_effort=req.reasoning_effort, response_format=req.response_format)
         self.check_token_ids(prompt.token_ids, "messages")
         max_tokens = self.resolve_max_tokens(len(prompt.token_ids), req.max_completion_tokens or req.max_tokens,
                                              "messages")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -62,7 +63,7 @@ class CompletionServing(ServingBase):
             raise bad_request("best_of must equal n: this server does not rank extra candidates.", "best_of")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
-        prompts = self.prompts(req.prompt)
+        prompts = await asyncio.to_thread(self.prompts, req.prompt)  # O(input) work stays off the event loop
         params = []
         for p in prompts:
             self.check_token_ids(p.token_ids)

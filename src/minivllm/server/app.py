@@ -26,6 +26,7 @@ from minivllm.openai.errors import OpenAIError
 from minivllm.openai.serving import OpenAIServing
 from minivllm.sampling_params import SamplingParams
 from minivllm.server.metrics import CONTENT_TYPE, ServerMetrics
+from minivllm.server.runpod_api import RunPodJobs, build_runpod_router
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +34,49 @@ PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})  # never behind the 
 
 
 class ServerState:
-    """/ready is 200 only after a warm-up request ran, and 503 again once draining (SIGTERM)."""
+    """/ready is 200 only after a warm-up request ran, and 503 again once draining (SIGTERM).
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    Draining: new requests get 503, running ones have ``drain_s`` seconds to finish; then RunPod
+    jobs still running fail with a message and engine requests still running are aborted, so
+    their streams end with finish_reason "abort" instead of being cut.
+    """
+
+    def __init__(self, engine: AsyncEngine, drain_s: float, jobs=None) -> None:
         self.engine = engine
+        self.drain_s = drain_s
+        self.jobs = jobs  # RunPodJobs, when the RunPod emulation is mounted
         self.warmed_up = False
         self.draining = False
+        self.drain_deadline: float | None = None  # loop time
+        self._drain_task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it started
+
+    def request_drain(self) -> None:
+        """begin_drain from anywhere (a signal handler, another thread)."""
+        self.draining = True
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.begin_drain)
+
+    def begin_drain(self) -> None:
+        """Start draining (idempotent); called on the event loop (a signal, or the app's shutdown)."""
+        self.draining = True
+        if self._drain_task is None:
+            self.drain_deadline = asyncio.get_running_loop().time() + self.drain_s
+            self._drain_task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        if self.jobs is not None:
+            await self.jobs.drain(self.drain_deadline)
+        loop = asyncio.get_running_loop()
+        while self.engine.num_streams and loop.time() < self.drain_deadline:
+            await asyncio.sleep(0.05)
+        stopped = self.engine.abort_all()
+        if stopped:
+            logger.warning("drain limit (%.0f s) reached: aborted %d running request(s)", self.drain_s, stopped)
+
+    async def drained(self) -> None:
+        self.begin_drain()
+        await self._drain_task
 
     @property
     def ready(self) -> bool:
@@ -60,17 +98,20 @@ class ServerState:
 
 
 def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | None = None,
-               runpod_handler=None, runpod_max_concurrency: int | None = None) -> FastAPI:
-    state = ServerState(engine)
+               runpod_handler=None, runpod_max_concurrency: int | None = None,
+               shutdown_drain_s: float = 30.0) -> FastAPI:
+    jobs = RunPodJobs(runpod_handler, runpod_max_concurrency) if runpod_handler is not None else None
+    state = ServerState(engine, shutdown_drain_s, jobs)
     metrics = ServerMetrics(engine, serving.served_model_name)
     serving.request_observer = metrics.track_request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
         warm_up = asyncio.create_task(state.warm_up())
         yield
-        state.draining = True
         warm_up.cancel()
+        await state.drained()  # RunPod jobs are background tasks: uvicorn itself never waits for them
 
     app = FastAPI(title="mini-vLLM", lifespan=lifespan)
     app.state.server, app.state.metrics, app.state.serving = state, metrics, serving
@@ -93,6 +134,8 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def openai_route(request: Request, route: str) -> Response:
+        if state.draining:
+            raise OpenAIError("The server is shutting down: send the request again later.", 503)
         body = None
         if request.method == "POST":
             raw = await request.body()
@@ -136,10 +179,8 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
         return JSONResponse(OpenAIError(f"Internal server error: {type(exc).__name__}", 500).to_dict(),
                             status_code=500)
 
-    if runpod_handler is not None:
-        from minivllm.server.runpod_api import build_runpod_router
-
-        app.include_router(build_runpod_router(runpod_handler, max_concurrency=runpod_max_concurrency))
+    if jobs is not None:
+        app.include_router(build_runpod_router(jobs))
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     return app

@@ -64,12 +64,36 @@ class _Job:
         return body
 
 
-class _Jobs:
-    def __init__(self, handler, max_concurrency: int | None, result_ttl_s: float):
+SHUTDOWN_MESSAGE = "the worker shut down before this job finished"
+
+
+class RunPodJobs:
+    """The emulated endpoint's jobs: at most ``max_concurrency`` run at once, the rest wait IN_QUEUE."""
+
+    def __init__(self, handler, max_concurrency: int | None = None, result_ttl_s: float = 1800.0):
         self.handler = handler
         self.slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self.result_ttl_s = result_ttl_s
         self.jobs: dict[str, _Job] = {}
+        self.accepting = True
+        self._webhooks: set[asyncio.Future] = set()
+
+    async def drain(self, deadline: float) -> None:
+        """Shutdown: let jobs run until ``deadline`` (loop time), fail the rest with a message,
+        then wait (bounded) for every webhook to go out."""
+        self.accepting = False
+        loop = asyncio.get_running_loop()
+        pending = {j.task for j in self.jobs.values() if j.task is not None and not j.task.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+        unfinished = [j for j in self.jobs.values() if j.task is not None and not j.task.done()]
+        for job in unfinished:
+            job.error = SHUTDOWN_MESSAGE
+            job.task.cancel()
+        if unfinished:
+            await asyncio.wait({j.task for j in unfinished})
+        if self._webhooks:
+            await asyncio.wait(self._webhooks, timeout=15)
 
     def submit(self, job_input: Any, webhook: str | None, sync: bool) -> _Job:
         self._evict()
@@ -91,12 +115,14 @@ class _Jobs:
             else:
                 await self._run(job)
         except asyncio.CancelledError:
-            job.status = CANCELLED
+            job.status = FAILED if job.error == SHUTDOWN_MESSAGE else CANCELLED
         finally:
             job.ended = time.monotonic()
             job.touch()
             if job.webhook:
-                asyncio.get_running_loop().run_in_executor(None, _post_webhook, job.webhook, job.status_body())
+                sent = asyncio.get_running_loop().run_in_executor(None, _post_webhook, job.webhook, job.status_body())
+                self._webhooks.add(sent)
+                sent.add_done_callback(self._webhooks.discard)
 
     async def _run(self, job: _Job) -> None:
         job.status, job.started = IN_PROGRESS, time.monotonic()
@@ -119,14 +145,14 @@ class _Jobs:
             await outputs.aclose()
 
 
-def build_runpod_router(handler, *, max_concurrency: int | None = None,
-                        result_ttl_s: float = 1800.0) -> APIRouter:
-    """Routes emulating a RunPod endpoint around ``handler`` (an async generator function taking
-    ``{"id", "input"}``). ``max_concurrency`` jobs run at once; the rest wait IN_QUEUE."""
-    jobs = _Jobs(handler, max_concurrency, result_ttl_s)
+def build_runpod_router(jobs: RunPodJobs) -> APIRouter:
+    """Routes emulating a RunPod endpoint over ``jobs`` (whose handler is an async generator
+    function taking ``{"id", "input"}``)."""
     router = APIRouter(tags=["RunPod"])
 
     async def read_request(request: Request) -> tuple[Any, str | None] | JSONResponse:
+        if not jobs.accepting:
+            return _error(503, "the worker is shutting down: submit the job again later")
         try:
             # Strings are the job's to check: as on RunPod, bad text fails the job, not the submit.
             body = parse_json(await request.body(), check_strings=False)

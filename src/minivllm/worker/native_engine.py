@@ -10,6 +10,7 @@ choices); ``finish_reason`` is set once that choice has finished. Non-stream: on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -35,7 +36,7 @@ class NativeEngine:
         closed), its engine stream's close aborts the request and awaits the free of its KV blocks."""
         try:
             params = job.make_sampling_params()
-            prompt = self._prompt(job)
+            prompt = await asyncio.to_thread(self._prompt, job)  # rendering a big chat: off the event loop
             if job.stream:
                 params.output_kind = RequestOutputKind.DELTA
                 async with aclosing(self._stream(job, prompt, params, request_id)) as batches:
