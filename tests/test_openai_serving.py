@@ -361,7 +361,7 @@ def test_responses_api(engine, enc):
         assert events[-1].response.incomplete_details.reason == "max_output_tokens"
         assert [e.sequence_number for e in events] == list(range(len(events)))
 
-        with pytest.raises(openai.BadRequestError, match="previous_response_id is not supported"):
+        with pytest.raises(openai.BadRequestError, match="Previous response with id .resp_1. not found"):
             await client.responses.create(model=MODEL, input="hi", previous_response_id="resp_1")
 
     run(engine, scenario)

@@ -119,14 +119,17 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int = Field(default_factory=lambda: int(time.time()))
-    status: str
-    error: dict | None = None
+    status: str  # queued | in_progress | completed | incomplete | cancelled | failed
+    background: bool = False
+    error: dict | None = None  # failed: {"code", "message"}
     incomplete_details: IncompleteDetails | None = None
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
     output: list[ReasoningItem | MessageItem | FunctionCallItem] = Field(default_factory=list)
     parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    store: bool = True
     temperature: float | None = None
     top_p: float | None = None
     tool_choice: Any = "auto"

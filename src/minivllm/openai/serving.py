@@ -6,6 +6,9 @@ returns the response object as a dict, or (when body["stream"] is true) an async
 chunk dicts, each one SSE event's JSON payload; the caller frames them (``data: ...``) and ends
 with ``data: [DONE]``. Closing that iterator early aborts the engine request. Bad input raises
 OpenAIError before any work starts.
+
+Stored responses: ``/v1/responses/{id}`` with no body retrieves one, ``/v1/responses/{id}/cancel``
+cancels a background one, and ``method="DELETE"`` on ``/v1/responses/{id}`` deletes one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from minivllm.openai.protocol import (
     ModelCard,
     ModelList,
 )
+from minivllm.openai.response_store import ResponseStore
 from minivllm.openai.responses_protocol import ResponsesRequest
 from minivllm.openai.serving_chat import ChatServing
 from minivllm.openai.serving_completion import CompletionServing
@@ -35,7 +39,9 @@ logger = logging.getLogger(__name__)
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_name: str, *, max_model_len: int,
                  response_role: str = "assistant", force_include_usage: bool = False,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, max_stored_responses: int = 1000,
+                 max_stored_bytes: int = 256 << 20) -> None:
+        """max_stored_*: the bound of the in-process response store (`store: true`); oldest go first."""
         self.engine = engine
         self.served_model_name = served_model_name
         self.max_model_len = max_model_len
@@ -43,7 +49,7 @@ class OpenAIServing:
                                 force_include_usage=force_include_usage, chat_template=chat_template)
         self.completion = CompletionServing(engine, served_model_name, max_model_len,
                                             force_include_usage=force_include_usage)
-        self.responses = ResponsesServing(self.chat)
+        self.responses = ResponsesServing(self.chat, ResponseStore(max_stored_responses, max_stored_bytes))
         self._routes: dict[str, tuple[type, Callable]] = {
             "/chat/completions": (ChatCompletionRequest, self.chat.create),
             "/completions": (CompletionRequest, self.completion.create),
@@ -59,8 +65,11 @@ class OpenAIServing:
         """Called with each request's prompt length; returns an object with on_output(out), on_end()."""
         self.chat.request_observer = self.completion.request_observer = observer
 
-    async def dispatch(self, route: str, body: dict | None) -> dict | AsyncIterator[dict]:
+    async def dispatch(self, route: str, body: dict | None, method: str | None = None) -> dict | AsyncIterator[dict]:
+        """`method` only matters where a path means two things (DELETE /v1/responses/{id})."""
         path = _normalize(route)
+        if path.startswith("/responses/"):
+            return await self.responses.handle(path[len("/responses/"):], body, method and method.upper())
         if path == "/models":
             return self.models()
         if path.startswith("/models/"):

@@ -1,16 +1,22 @@
-"""POST /v1/responses: the Responses API over the chat path (same prompt rendering, same parser).
+"""The Responses API over the chat path (same prompt rendering, same parser), with a response store.
 
-Stateless: previous_response_id and background mode need a response store this server doesn't
-keep; clients send the whole conversation as `input` instead.
+POST /v1/responses creates; with `store` (the default) the response is kept, so GET
+/v1/responses/{id} returns it and `previous_response_id` continues its conversation (its input and
+output items, then the new input; its `instructions` are not carried over, as in OpenAI).
+`background: true` returns at once (status `queued`) and runs in a task that POST
+/v1/responses/{id}/cancel cancels, aborting the engine request.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from minivllm.openai.base import random_id
-from minivllm.openai.errors import bad_request
+from minivllm.openai.errors import OpenAIError, bad_request, not_found
 from minivllm.openai.harmony import (
     CONTENT,
     REASONING,
@@ -19,6 +25,7 @@ from minivllm.openai.harmony import (
     OutputItem,
 )
 from minivllm.openai.protocol import JsonSchemaFormat, ResponseFormat
+from minivllm.openai.response_store import ResponseStore, StoredResponse
 from minivllm.openai.responses_protocol import (
     FunctionCallItem,
     IncompleteDetails,
@@ -36,28 +43,33 @@ from minivllm.openai.responses_protocol import (
 )
 from minivllm.openai.serving_chat import ChatServing, ChoiceState
 
+logger = logging.getLogger(__name__)
+
 _ID_PREFIX = {REASONING: "rs_", CONTENT: "msg_", TOOL_CALL: "fc_"}
+_RUNNING = ("queued", "in_progress")
 
 
 class ResponsesServing:
-    def __init__(self, chat: ChatServing) -> None:
+    def __init__(self, chat: ChatServing, store: ResponseStore | None = None) -> None:
         self.chat = chat
+        self.store = store if store is not None else ResponseStore()
 
+    # ---- POST /v1/responses -----------------------------------------------------------------
     async def create(self, req: ResponsesRequest) -> dict | AsyncIterator[dict]:
         chat = self.chat
         chat.check_model(req.model)
-        if req.previous_response_id:
-            raise bad_request("previous_response_id is not supported: this server does not store responses; "
-                              "send the whole conversation in 'input'.", "previous_response_id")
-        if req.background:
-            raise bad_request("background mode is not supported by this server.", "background")
+        store = req.store is not False
+        if req.background and not store:
+            raise bad_request("background mode needs store: true (a background response is only reachable "
+                              "through the store).", "background")
         if req.n != 1:
             raise bad_request("the Responses API produces one output; use n with chat completions.", "n")
+        conversation = self._history(req.previous_response_id) + input_items(req.input)
         named = req.tool_choice.name if isinstance(req.tool_choice, ResponsesNamedTool) else None
         tools = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                  for t in req.tools or []]
-        prompt = chat.render_prompt(
-            input_to_messages(req.instructions, req.input), tools=tools or None,
+        prompt = await asyncio.to_thread(  # O(input) work stays off the event loop
+            chat.render_prompt, input_to_messages(req.instructions, conversation), tools=tools or None,
             tool_choice="named" if named else req.tool_choice, named_tool=named,
             reasoning_effort=req.reasoning.effort if req.reasoning else None,
             response_format=_response_format(req.text))
@@ -70,14 +82,120 @@ class ResponsesServing:
                                keep_stop_str=req.include_stop_str_in_output),
                    len(prompt.token_ids))
         stream = chat.generate(prompt.token_ids, params, run.response_id)
+        entry = StoredResponse(run.response("queued").model_dump(), background=bool(req.background),
+                               items=conversation) if store else None
+        if req.background:
+            return self._start_background(run, stream, entry)
+        on_end = (lambda final: self._save(entry, final)) if entry is not None else None
         if req.stream:
-            return run.stream(stream)
-        async with aclosing(stream):
-            async for out in stream:
-                run.cached = out.num_cached_tokens
-                if not run.state.finished:
-                    run.state.add(out.outputs[0])
-        return run.response().model_dump()
+            return run.stream(stream, on_end)
+        async with aclosing(run.stream(stream, on_end)) as events:
+            async for _ in events:
+                pass
+        return run.final.model_dump()
+
+    def _history(self, previous_response_id: str | None) -> list[dict]:
+        if not previous_response_id:
+            return []
+        entry = self.store.get(previous_response_id)
+        if entry is None:
+            raise OpenAIError(f"Previous response with id '{previous_response_id}' not found.", 400,
+                              param="previous_response_id", code="previous_response_not_found")
+        if entry.response["status"] in _RUNNING:
+            raise bad_request(f"Previous response with id '{previous_response_id}' is still in progress.",
+                              "previous_response_id")
+        return list(entry.items or [])
+
+    def _save(self, entry: StoredResponse, final: ResponseObject) -> None:
+        """Keep the ended response, and its conversation for a next turn (input items, then output)."""
+        if entry.response["status"] not in _RUNNING:  # ended already (a cancel racing the end)
+            return
+        entry.response = final.model_dump()
+        entry.items = entry.items + entry.response["output"]
+        self.store.put(entry)
+
+    # ---- background -------------------------------------------------------------------------
+    def _start_background(self, run: _Run, stream: AsyncIterator, entry: StoredResponse) -> dict | AsyncIterator:
+        if run.req.stream:
+            entry.events = []
+        entry.task = asyncio.create_task(self._run_background(run, stream, entry))
+        self.store.put(entry)
+        return self._follow(entry, entry.events) if run.req.stream else entry.response
+
+    async def _run_background(self, run: _Run, stream: AsyncIterator, entry: StoredResponse) -> None:
+        entry.response = run.response("in_progress").model_dump()
+        try:
+            async with aclosing(run.stream(stream, lambda final: self._save(entry, final))) as events:
+                async for event in events:
+                    entry.publish(event)
+        except asyncio.CancelledError:  # cancel(): the engine request is aborted (KV freed) by now
+            self._save(entry, run.response("cancelled"))
+        except Exception as e:  # a background failure is the response's status, not an exception
+            if not isinstance(e, OpenAIError):
+                logger.exception("background response %s failed", run.response_id)
+            message = e.message if isinstance(e, OpenAIError) else f"Internal server error: {type(e).__name__}"
+            final = run.response("failed")
+            final.error = {"code": "server_error", "message": message}
+            self._save(entry, final)
+        finally:
+            entry.events = None  # the reader holds its own reference
+            entry.publish()
+
+    @staticmethod
+    async def _follow(entry: StoredResponse, events: list[dict]) -> AsyncIterator[dict]:
+        """A streamed background run's events; closing this stream leaves the run going."""
+        sent = 0
+        while True:
+            changed = entry.changed
+            while sent < len(events):
+                yield events[sent]
+                sent += 1
+            if not entry.running:
+                return
+            await changed.wait()
+
+    # ---- /v1/responses/{id}[/cancel] ----------------------------------------------------------
+    async def handle(self, rest: str, body: dict | None, method: str | None = None) -> dict:
+        """GET (no body) /responses/{id}, POST /responses/{id}/cancel, DELETE /responses/{id}."""
+        response_id, _, action = rest.partition("/")
+        if action == "cancel" and method in (None, "POST"):
+            return await self.cancel(response_id)
+        if not action and method == "DELETE":
+            return await self.delete(response_id)
+        if not action and not body and method in (None, "GET"):
+            return self.retrieve(response_id)
+        raise not_found(f"Unknown route {method or ''} /responses/{rest}: this server serves GET "
+                        f"/v1/responses/{{id}}, POST /v1/responses/{{id}}/cancel and DELETE /v1/responses/{{id}}.",
+                        code="unknown_url")
+
+    def _entry(self, response_id: str) -> StoredResponse:
+        entry = self.store.get(response_id)
+        if entry is None:
+            raise not_found(f"Response with id '{response_id}' not found.")
+        return entry
+
+    def retrieve(self, response_id: str) -> dict:
+        return self._entry(response_id).response
+
+    async def cancel(self, response_id: str) -> dict:
+        """Cancel a background response; returns once its engine request is aborted (KV freed)."""
+        entry = self._entry(response_id)
+        if not entry.background:
+            raise bad_request("Cannot cancel a synchronous response.")
+        if entry.running:
+            entry.task.cancel()
+            await asyncio.wait({entry.task})  # (not gather: our own caller leaving must not cancel it twice)
+        if entry.response["status"] in _RUNNING:  # cancelled before its task started
+            entry.response = entry.response | {"status": "cancelled"}
+            self.store.put(entry)
+        return entry.response
+
+    async def delete(self, response_id: str) -> dict:
+        entry = self._entry(response_id)
+        if entry.running:
+            await self.cancel(response_id)
+        self.store.pop(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
 
 class _Run:
@@ -89,15 +207,18 @@ class _Run:
         self.state = state
         self.num_prompt_tokens = num_prompt_tokens
         self.cached = 0
+        self.created_at = int(time.time())
         self.item_ids: list[str] = []
         self.sequence_number = 0
+        self.final: ResponseObject | None = None
 
     def response(self, status: str | None = None) -> ResponseObject:
+        """The response as it stands: ended (status None: completed or incomplete), or `status`."""
         req, st = self.req, self.state
         incomplete = st.finish_reason == "length"
         if status is None:
             status = "incomplete" if incomplete else "completed"
-        done = status != "in_progress"
+        done = status not in _RUNNING
         tool_choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, ResponsesNamedTool) else (
             req.tool_choice or "auto")
         usage = None
@@ -109,13 +230,15 @@ class _Run:
                 input_tokens_details=InputTokensDetails(cached_tokens=self.cached),
                 output_tokens_details=OutputTokensDetails(reasoning_tokens=st.parser.num_tokens_of(REASONING)))
         return ResponseObject(
-            id=self.response_id, status=status, model=self.model,
+            id=self.response_id, created_at=self.created_at, status=status, background=bool(req.background),
+            model=self.model,
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if done and incomplete else None,
             instructions=req.instructions, max_output_tokens=req.max_output_tokens,
             output=[self.item(i) for i in range(len(st.parser.items))] if done else [],
-            parallel_tool_calls=req.parallel_tool_calls is not False, temperature=req.temperature,
-            top_p=req.top_p, tool_choice=tool_choice, tools=[t["function"] | {"type": "function"} for t in self.tools],
-            usage=usage, metadata=req.metadata)
+            parallel_tool_calls=req.parallel_tool_calls is not False,
+            previous_response_id=req.previous_response_id, store=req.store is not False,
+            temperature=req.temperature, top_p=req.top_p, tool_choice=tool_choice,
+            tools=[t["function"] | {"type": "function"} for t in self.tools], usage=usage, metadata=req.metadata)
 
     def item(self, index: int, added: bool = False):
         """Output item `index`: empty as first announced (`added`), else as it stands."""
@@ -137,7 +260,10 @@ class _Run:
         self.sequence_number += 1
         return event
 
-    async def stream(self, stream: AsyncIterator) -> AsyncIterator[dict]:
+    async def stream(self, stream: AsyncIterator,
+                     on_end: Callable[[ResponseObject], None] | None = None) -> AsyncIterator[dict]:
+        """The event sequence; every item and part opened is closed before the last event, and
+        `on_end` gets the final response before that event is sent."""
         yield self.event("response.created", response=self.response("in_progress").model_dump())
         yield self.event("response.in_progress", response=self.response("in_progress").model_dump())
         async with aclosing(stream):
@@ -148,7 +274,9 @@ class _Run:
                 for kind, index, text in self.state.add(out.outputs[0]):
                     for event in self.item_events(kind, index, text):
                         yield event
-        final = self.response()
+        self.final = final = self.response()
+        if on_end is not None:
+            on_end(final)
         yield self.event(f"response.{final.status}", response=final.model_dump())
 
     def item_events(self, kind: str, index: int, text: str) -> list[dict]:
@@ -188,6 +316,13 @@ class _Run:
         return OutputText(text=text).model_dump()
 
 
+def input_items(input: str | list[dict]) -> list[dict]:
+    """`input` as a list of items (a string is one user message)."""
+    if isinstance(input, str):
+        return [{"type": "message", "role": "user", "content": input}]
+    return list(input)
+
+
 def input_to_messages(instructions: str | None, items: str | list[dict]) -> list[dict]:
     """Responses `input` (and `instructions`) as chat messages for the harmony renderer."""
     messages = [{"role": "system", "content": instructions}] if instructions else []
@@ -201,7 +336,9 @@ def input_to_messages(instructions: str | None, items: str | list[dict]) -> list
         if kind == "message":
             if item.get("role") not in ("user", "system", "developer", "assistant"):
                 raise bad_request(f"{where}: role must be user, system, developer or assistant", "input")
-            messages.append({"role": item["role"], "content": _text(item.get("content"), where)})
+            text = _text(item.get("content"), where)
+            if text or item["role"] != "assistant":  # an empty answer (e.g. cut off at once) says nothing
+                messages.append({"role": item["role"], "content": text})
         elif kind == "function_call":
             if not item.get("name") or "call_id" not in item:
                 raise bad_request(f"{where}: a function_call needs 'call_id' and 'name'", "input")

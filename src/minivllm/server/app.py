@@ -144,7 +144,7 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
                     body = parse_json(raw)
                 except ValueError as e:
                     raise OpenAIError(str(e), 400) from None
-        result = await _unless_disconnected(request, serving.dispatch(route, body))
+        result = await _unless_disconnected(request, serving.dispatch(route, body, request.method))
         if result is None:  # the client left; nobody reads this
             return Response(status_code=499)
         if isinstance(result, dict):
@@ -153,7 +153,7 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     for prefix in ("/v1", "/openai/v1"):
-        app.add_api_route(prefix + "/{path:path}", _bind(openai_route, prefix), methods=["GET", "POST"],
+        app.add_api_route(prefix + "/{path:path}", _bind(openai_route, prefix), methods=["GET", "POST", "DELETE"],
                           include_in_schema=False)
 
     @app.exception_handler(OpenAIError)
