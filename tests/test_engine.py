@@ -220,7 +220,7 @@ def test_bad_prompts_raise_clear_errors(llm):
         llm.generate({"prompt_token_ids": [1] * 600}, use_tqdm=False)
     with pytest.raises(ValueError, match="empty"):
         llm.generate("", use_tqdm=False)
-    with pytest.raises(ValueError, match="token ids must be in"):
+    with pytest.raises(ValueError, match="token id 10000000 is out of vocabulary"):
         llm.generate({"prompt_token_ids": [1, 10**7]}, use_tqdm=False)
     with pytest.raises(ValueError, match="already in use"):
         llm.engine.add_request("dup", "a", SamplingParams())

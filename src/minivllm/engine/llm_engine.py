@@ -22,6 +22,7 @@ from minivllm.tokenizer import IncrementalDetokenizer, Tokenizer
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
+PROMPT_LOGPROBS_ROWS = 128  # prompt positions scored at once: 128 x vocab fp32 logits is ~100 MB
 
 
 class LLMEngine:
@@ -131,20 +132,20 @@ class LLMEngine:
         except Exception:
             if len(groups) == 1:
                 raise
-            work = self._isolate(groups, self._execute)
+            work = self._execute_isolated(groups)
         try:
             result = self.sampler(work.logits, work.seqs)
         except Exception:
             work, result = self._sample_isolated(work)
         if work.prompt_targets:
-            self._record_prompt_logprobs(work.prompt_logits, work.prompt_targets)
+            self._record_prompt_logprobs(work.prompt_hidden, work.prompt_targets)
         return self._postprocess(work.seqs, result)
 
     def _execute(self, batch: list[tuple[Sequence, int]]) -> "StepWork":
         """The model forward of a batch; sequences' computed-token counts move on only on success."""
         prompt_rows, prompt_targets = self._prompt_logprob_rows(batch)
         try:
-            logits = self.runner.execute(batch, prompt_rows)
+            logits, prompt_hidden = self.runner.execute(batch, prompt_rows)
         except BaseException:
             for seq, _ in batch:  # the step's blocks were registered for the prefix cache, never written
                 self.block_manager.uncache_uncomputed(seq)
@@ -154,20 +155,22 @@ class LLMEngine:
             seq.num_computed_tokens += num_new
             if seq.num_computed_tokens == len(seq.token_ids):
                 to_sample.append(seq)
-        return StepWork(to_sample, logits[:len(to_sample)], logits[len(to_sample):], prompt_targets)
+        return StepWork(to_sample, logits, prompt_hidden, prompt_targets)
 
-    def _isolate(self, groups: list[list[tuple[Sequence, int]]], run) -> "StepWork":
-        """Run ``run`` on each request's part of the batch alone; fail the requests whose part fails."""
+    def _execute_isolated(self, groups: list[list[tuple[Sequence, int]]]) -> "StepWork":
+        """Run each request's part of the batch alone; fail the requests whose part fails."""
         parts = []
         for group in groups:
             try:
-                parts.append(run(group))
+                parts.append(self._execute(group))
             except Exception as error:
                 self._fail_request(group[0][0].request, error)
         if not parts:
-            return StepWork([], torch.empty(0, 0), torch.empty(0, 0), [])
+            return StepWork([], torch.empty(0, 0), None, [])
+        prompt_hidden = [p.prompt_hidden for p in parts if p.prompt_hidden is not None]
         return StepWork([seq for p in parts for seq in p.seqs], torch.cat([p.logits for p in parts]),
-                        torch.cat([p.prompt_logits for p in parts]), [t for p in parts for t in p.prompt_targets])
+                        torch.cat(prompt_hidden) if prompt_hidden else None,
+                        [t for p in parts for t in p.prompt_targets])
 
     def _sample_isolated(self, work: "StepWork") -> tuple["StepWork", SampleResult]:
         """Sampling failed: sample each request's rows alone and fail the requests that fail."""
@@ -185,7 +188,8 @@ class LLMEngine:
         failed = {rid for rid, _ in self.failed}
         targets = [t for t in work.prompt_targets if t[0].request.request_id not in failed]
         keep_rows = [i for i, t in enumerate(work.prompt_targets) if t[0].request.request_id not in failed]
-        return (StepWork(kept, work.logits, work.prompt_logits[keep_rows], targets),
+        prompt_hidden = work.prompt_hidden[keep_rows] if targets else None
+        return (StepWork(kept, work.logits, prompt_hidden, targets),
                 SampleResult(token_ids, logprobs))
 
     def _prompt_logprob_rows(self, batch) -> tuple[list[int], list[tuple[Sequence, int]]]:
@@ -203,17 +207,24 @@ class LLMEngine:
             offset += num_new
         return rows, targets
 
-    def _record_prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[Sequence, int]]) -> None:
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        for row, (seq, token) in zip(logprobs, targets):
-            k = seq.params.prompt_logprobs
-            value = row[token]
-            entry = {token: Logprob(float(value), int((row > value).sum()) + 1, self._token_text(token))}
-            if k:
-                top = row.topk(k)
-                for rank, (tid, v) in enumerate(zip(top.indices.tolist(), top.values.tolist()), start=1):
-                    entry.setdefault(tid, Logprob(v, rank, self._token_text(tid)))
-            seq.prompt_logprobs.append(entry)
+    def _record_prompt_logprobs(self, hidden: torch.Tensor, targets: list[tuple[Sequence, int]]) -> None:
+        """Logprob, rank and top-k of each target prompt token, PROMPT_LOGPROBS_ROWS rows at a time
+        (a full chunk of vocabulary-wide logits would not fit in memory)."""
+        for start in range(0, len(targets), PROMPT_LOGPROBS_ROWS):
+            part = targets[start:start + PROMPT_LOGPROBS_ROWS]
+            logprobs = torch.log_softmax(self.runner.model.compute_logits(hidden[start:start + len(part)]), dim=-1)
+            tokens = torch.tensor([token for _, token in part], device=logprobs.device)
+            values = logprobs.gather(1, tokens.unsqueeze(1))
+            ranks = (logprobs > values).sum(dim=1).add_(1).tolist()
+            k = max(seq.params.prompt_logprobs for seq, _ in part)
+            top = logprobs.topk(k, dim=-1) if k else None
+            top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if k else (None, None)
+            for i, ((seq, token), value, rank) in enumerate(zip(part, values.squeeze(1).tolist(), ranks)):
+                entry = {token: Logprob(value, rank, self._token_text(token))}
+                for r in range(seq.params.prompt_logprobs):
+                    tid = top_ids[i][r]
+                    entry.setdefault(tid, Logprob(top_values[i][r], r + 1, self._token_text(tid)))
+                seq.prompt_logprobs.append(entry)
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
@@ -339,11 +350,12 @@ class LLMEngine:
 
 @dataclass
 class StepWork:
-    """A step's model output: the sequences to sample and their logits rows, prompt-logprob rows."""
+    """A step's model output: the sequences to sample and their logits rows; the hidden states of
+    the rows whose prompt logprobs were asked for, and (sequence, scored token) per such row."""
 
     seqs: list[Sequence]
     logits: torch.Tensor
-    prompt_logits: torch.Tensor
+    prompt_hidden: torch.Tensor | None
     prompt_targets: list[tuple[Sequence, int]]
 
 

@@ -112,19 +112,24 @@ class ModelRunner:
         return token_data[:total], token_data[total:2 * total], ctx, sample_rows
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]], prompt_rows: list[int] | None = None) -> torch.Tensor:
-        """Logits (float32) of the last token of each sequence that finishes its prompt/step,
-        followed by those of `prompt_rows` (step token indices whose prompt logprobs were asked for)."""
+    def execute(self, batch: list[tuple[Sequence, int]], prompt_rows: list[int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (float32) of the last token of each sequence that finishes its prompt/step,
+        hidden states of `prompt_rows` (step token indices whose prompt logprobs were asked for)).
+
+        Prompt rows come back as hidden states, not logits: a chunk's worth of full-vocabulary
+        logits is gigabytes, so the engine turns them into logprobs a slice at a time."""
         input_ids, positions, ctx, sample_rows = self.prepare(batch)
         if self.graphs is not None and self.graphs.can_run(len(input_ids), ctx):
             hidden = self.graphs.run(input_ids, positions, ctx)
         else:
             hidden = self.model(input_ids, positions, ctx, self.kv_cache)
-        if len(sample_rows) == len(hidden) and not prompt_rows:
+        prompt_hidden = hidden[prompt_rows] if prompt_rows else None
+        if len(sample_rows) == len(hidden):
             # Every row is sampled (sample_rows is then 0..n-1, as in any all-decode step): the
             # hidden states are already in order, no gather needed.
-            return self.model.compute_logits(hidden)
-        return self.model.compute_logits(hidden[sample_rows + prompt_rows if prompt_rows else sample_rows])
+            return self.model.compute_logits(hidden), prompt_hidden
+        return self.model.compute_logits(hidden[sample_rows]), prompt_hidden
 
 
 class HostBlockTables:
