@@ -115,3 +115,39 @@ def client_tokens(text: str, special: bool = False) -> list[int]:
 
     tokenizer = Tokenizer()
     return tokenizer.harmony.encode(text, allowed_special="all") if special else tokenizer.encode(text)
+
+
+def test_prompt_logprobs_on_chat_and_completions(client):
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          extra_body={"prompt_logprobs": 2, "return_token_ids": True})
+    prompt_ids = chat.model_extra["prompt_token_ids"]
+    entries = chat.model_extra["prompt_logprobs"]
+    assert len(entries) == len(prompt_ids) and entries[0] is None
+    for token, entry in zip(prompt_ids[1:], entries[1:]):
+        assert str(token) in entry and len(entry) <= 3  # the prompt token plus the top 2
+        assert {lp["rank"] for lp in entry.values()} >= {1, 2}
+        assert all(lp["logprob"] <= 0 and isinstance(lp["decoded_token"], str) for lp in entry.values())
+    out = greedy_completion(client, n=2, extra_body={"prompt_logprobs": 0, "return_token_ids": True})
+    for choice in out.choices:
+        entries = choice.model_extra["prompt_logprobs"]
+        ids = choice.model_extra["prompt_token_ids"]
+        assert entries[0] is None and [list(e) for e in entries[1:]] == [[str(t)] for t in ids[1:]]
+    with pytest.raises(openai.BadRequestError, match="not available when `stream=True`"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       stream=True, extra_body={"prompt_logprobs": 1})
+
+
+def test_top_logprobs_edge_cases(client):
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          logprobs=True, top_logprobs=0, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content or []
+    assert all(entry.top_logprobs == [] for entry in content)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       logprobs=True, top_logprobs=21)
+    out = greedy_completion(client, logprobs=0)
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == 6 and all(len(top) == 1 for top in logprobs.top_logprobs)

@@ -88,6 +88,8 @@ class ServingBase:
         return max_tokens
 
     def sampling_params(self, req: SamplingRequest, max_tokens: int, **extra) -> SamplingParams:
+        if req.prompt_logprobs is not None and req.stream:
+            raise bad_request("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
         # Checked here, not only by the engine: a stream has already sent its first chunk by then.
         self._check_vocab(req.stop_token_ids or [], "stop_token_ids")
         values = {"n": req.n, "max_tokens": max_tokens, "min_tokens": min(req.min_tokens, max_tokens),

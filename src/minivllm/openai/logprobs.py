@@ -45,3 +45,14 @@ def append_completion_logprobs(into: CompletionLogprobs, token_ids: list[int],
         into.text_offset.append(offset)
         offset += len(text)
     return offset
+
+
+def prompt_logprobs_json(entries: list[dict[int, Logprob] | None] | None) -> list[dict | None] | None:
+    """vLLM's ``prompt_logprobs`` field: per prompt token None (the first) or
+    {"token id": {"logprob", "rank", "decoded_token"}}."""
+    if entries is None:
+        return None
+    return [None if entry is None else
+            {str(tid): {"logprob": _value(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for tid, lp in entry.items()}
+            for entry in entries]

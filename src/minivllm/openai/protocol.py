@@ -86,6 +86,7 @@ class SamplingRequest(OpenAIRequest):
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = None
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # choices carry token_ids, the response prompt_token_ids
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM: logprobs of the prompt's tokens
 
     @field_validator("n", mode="before")
     @classmethod

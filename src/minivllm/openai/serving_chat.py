@@ -21,7 +21,7 @@ from minivllm.openai.harmony import (
     HarmonyOutputParser,
     tool_choice_prefill,
 )
-from minivllm.openai.logprobs import chat_logprobs
+from minivllm.openai.logprobs import chat_logprobs, prompt_logprobs_json
 from minivllm.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -123,7 +123,7 @@ class ChatServing(ServingBase):
     def chat_sampling_params(self, req, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
         stop_ids = list(req.stop_token_ids or []) + list(self.tokenizer.stop_ids)  # <|return|>, <|call|>
         return self.sampling_params(req, max_tokens, logprobs=logprobs, skip_special_tokens=False,
-                                    stop_token_ids=stop_ids)
+                                    stop_token_ids=stop_ids, prompt_logprobs=req.prompt_logprobs)
 
     # ---- the route --------------------------------------------------------------------------
     async def create(self, req: ChatCompletionRequest) -> dict | AsyncIterator[dict]:
@@ -154,10 +154,10 @@ class ChatServing(ServingBase):
 
     async def _complete(self, request_id: str, prompt: ChatPrompt, params: SamplingParams,
                         choices: list[ChoiceState], top_k: int | None, return_token_ids: bool) -> dict:
-        cached = 0
+        cached, prompt_logprobs = 0, None
         async with aclosing(self.generate(prompt.token_ids, params, request_id)) as stream:
             async for out in stream:
-                cached = out.num_cached_tokens
+                cached, prompt_logprobs = out.num_cached_tokens, out.prompt_logprobs or prompt_logprobs
                 for c in out.outputs:
                     if not choices[c.index].finished:
                         choices[c.index].add(c)
@@ -174,6 +174,8 @@ class ChatServing(ServingBase):
                                      logprobs=self._logprobs(st, 0, st.num_tokens, top_k)))
         response = ChatCompletionResponse(id=request_id, model=self.model_name, choices=result,
                                           usage=self._usage(prompt, choices, cached)).model_dump()
+        if params.prompt_logprobs is not None:  # vLLM's extra field
+            response["prompt_logprobs"] = prompt_logprobs_json(prompt_logprobs)
         if return_token_ids:  # vLLM's extra fields
             response["prompt_token_ids"] = prompt.token_ids
             for choice, st in zip(response["choices"], choices):

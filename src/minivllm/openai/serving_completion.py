@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from minivllm.openai.base import ServingBase, merge_streams, random_id
 from minivllm.openai.errors import bad_request
-from minivllm.openai.logprobs import append_completion_logprobs
+from minivllm.openai.logprobs import append_completion_logprobs, prompt_logprobs_json
 from minivllm.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -68,9 +68,11 @@ class CompletionServing(ServingBase):
         for p in prompts:
             self.check_token_ids(p.token_ids)
             max_tokens = self.resolve_max_tokens(len(p.token_ids), req.max_tokens, "prompt")
+            echo_logprobs = req.logprobs if req.echo else None
+            wanted = [k for k in (echo_logprobs, req.prompt_logprobs) if k is not None]
             params.append(self.sampling_params(
                 req, max_tokens, logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens,
-                prompt_logprobs=req.logprobs if req.echo else None))
+                prompt_logprobs=max(wanted) if wanted else None))
         request_id = random_id("cmpl-")
         streams = [self.generate(p.token_ids, sp, f"{request_id}-{i}", p.text)
                    for i, (p, sp) in enumerate(zip(prompts, params))]
@@ -104,9 +106,11 @@ class CompletionServing(ServingBase):
     async def _complete(self, req, request_id, prompts, streams, choices) -> dict:
         n = req.n
         cached = [0] * len(prompts)
+        prompt_logprobs: list = [None] * len(prompts)
         async with aclosing(merge_streams(streams)) as merged:
             async for p, out in merged:
                 cached[p] = out.num_cached_tokens
+                prompt_logprobs[p] = out.prompt_logprobs or prompt_logprobs[p]
                 for c in out.outputs:
                     if choices[p * n + c.index].finish_reason is None:  # finished choices are reported again
                         self._add(req, choices[p * n + c.index], prompts[p], out, c)
@@ -116,6 +120,9 @@ class CompletionServing(ServingBase):
                                       finish_reason=st.finish_reason, stop_reason=st.stop_reason)
                      for i, st in enumerate(choices)],
             usage=self._usage(prompts, choices, cached)).model_dump()
+        if req.prompt_logprobs is not None:  # vLLM's extra field, per choice
+            for i, choice in enumerate(response["choices"]):
+                choice["prompt_logprobs"] = prompt_logprobs_json(prompt_logprobs[i // n])
         if req.return_token_ids:  # vLLM's extra fields, per choice (prompts differ between choices)
             for i, (choice, st) in enumerate(zip(response["choices"], choices)):
                 choice["prompt_token_ids"], choice["token_ids"] = prompts[i // n].token_ids, st.token_ids
