@@ -151,3 +151,42 @@ def test_top_logprobs_edge_cases(client):
     out = greedy_completion(client, logprobs=0)
     logprobs = out.choices[0].logprobs
     assert len(logprobs.tokens) == 6 and all(len(top) == 1 for top in logprobs.top_logprobs)
+
+
+PREFILLED = [{"role": "user", "content": "Finish my sentence."}, {"role": "assistant", "content": "The answer is"}]
+FORCED = 1000  # logit_bias makes the random model write this token, so the reply is known
+
+
+def chat(client, messages, **body):
+    stream = body.pop("stream", False)
+    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0,
+                                          logit_bias={str(FORCED): 100}, stream=stream,
+                                          extra_body={"ignore_eos": True, "return_token_ids": True, **body})
+
+
+def test_continue_final_message_continues_the_assistant_text(client):
+    out = chat(client, PREFILLED, add_generation_prompt=False, continue_final_message=True)
+    prompt = out.model_extra["prompt_token_ids"]
+    opened = client_tokens("<|channel|>final<|message|>", special=True) + client_tokens("The answer is")
+    start = client_tokens("<|start|>assistant", special=True)
+    assert prompt[-len(opened) - 2:] == start + opened  # the message is left open: no <|end|>
+    assert out.choices[0].message.content == client_decode(client, [FORCED] * 3)
+    echoed = chat(client, PREFILLED, add_generation_prompt=False, continue_final_message=True, echo=True)
+    assert echoed.choices[0].message.content == "The answer is" + client_decode(client, [FORCED] * 3)
+    chunks = list(chat(client, PREFILLED, add_generation_prompt=False, continue_final_message=True, echo=True,
+                       stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.content == "The answer is" and text == echoed.choices[0].message.content
+
+
+def test_generation_prompt_options_and_their_errors(client):
+    with pytest.raises(openai.BadRequestError, match="Cannot set both `continue_final_message` and "
+                                                     "`add_generation_prompt` to True"):
+        chat(client, PREFILLED, continue_final_message=True)
+    with pytest.raises(openai.BadRequestError, match="last message to be an assistant message"):
+        chat(client, PREFILLED[:1], add_generation_prompt=False, continue_final_message=True)
+    bare = chat(client, PREFILLED[:1], add_generation_prompt=False).model_extra["prompt_token_ids"]
+    full = chat(client, PREFILLED[:1]).model_extra["prompt_token_ids"]
+    assert full == bare + client_tokens("<|start|>assistant", special=True)
+    echo_user = chat(client, PREFILLED[:1], echo=True)  # the last message is not the reply's role: no echo
+    assert echo_user.choices[0].message.content == chat(client, PREFILLED[:1]).choices[0].message.content

@@ -107,6 +107,16 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     response_format: ResponseFormat | None = None
+    # vLLM extensions
+    echo: bool = False  # the reply starts with the last message's text when that is the reply's role
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message stays open: the model continues it
+
+    @model_validator(mode="after")
+    def _one_way_to_end_the_prompt(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        return self
 
 
 class CompletionRequest(SamplingRequest):

@@ -13,7 +13,9 @@ from minivllm.openai.base import ServingBase, random_id
 from minivllm.openai.chat_template import ChatTemplate
 from minivllm.openai.errors import bad_request
 from minivllm.openai.harmony import (
+    CHANNEL,
     CONTENT,
+    MESSAGE,
     REASONING,
     RETURN,
     TOOL_CALL,
@@ -44,9 +46,10 @@ from minivllm.sampling_params import SamplingParams
 
 @dataclass
 class ChatPrompt:
-    token_ids: list[int]  # ends with the forced tool-call header, if any
+    token_ids: list[int]  # ends with the forced tool-call header or the continued message, if any
     prefill: list[int]  # that header: the output parser reads it first
     tools_enabled: bool
+    echo: str = ""  # text the reply's content starts with (`echo`)
 
 
 @dataclass
@@ -92,12 +95,25 @@ class ChatServing(ServingBase):
         super().__init__(engine, model_name, max_model_len, force_include_usage=force_include_usage)
         self.response_role = response_role
         self.chat_template = ChatTemplate(chat_template) if chat_template else None
+        self._generation_prompt = self.harmony.encode("<|start|>assistant", allowed_special="all")
 
     # ---- prompt -----------------------------------------------------------------------------
     def render_prompt(self, messages: list[dict], *, tools: list[dict] | None, tool_choice: str | None,
                       named_tool: str | None, reasoning_effort: str | None,
-                      response_format: ResponseFormat | None) -> ChatPrompt:
-        """tool_choice: "none" | "auto" | "required" | "named" (then `named_tool` is the function)."""
+                      response_format: ResponseFormat | None, add_generation_prompt: bool = True,
+                      continue_final_message: bool = False, echo: bool = False) -> ChatPrompt:
+        """tool_choice: "none" | "auto" | "required" | "named" (then `named_tool` is the function).
+
+        continue_final_message: the last message (an assistant one) is rendered open, without its
+        end token, and the parser starts inside it, so the reply continues its text."""
+        opened: list[int] = []  # the open message's header (the parser reads it) ...
+        opened_text: list[int] = []  # ... and its text so far
+        echo_text = ""
+        if continue_final_message:
+            messages, opened, opened_text, echo_text = self._open_final_message(messages, tool_choice)
+        elif echo and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == self.response_role:
+            content = messages[-1].get("content")
+            echo_text = content if isinstance(content, str) else ""
         tool_choice = tool_choice or ("auto" if tools else "none")
         if tool_choice in ("required", "named") and not tools:
             raise bad_request(f"tool_choice {tool_choice!r} needs a non-empty 'tools' list.", "tool_choice")
@@ -115,10 +131,30 @@ class ChatServing(ServingBase):
                                                        tools=tools if tools_enabled else None)
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
-        prefill = []
+        if not add_generation_prompt and not continue_final_message and token_ids[-2:] == self._generation_prompt:
+            token_ids = token_ids[:-2]  # the model writes the next message's header itself
+        prefill = opened
         if tool_choice in ("required", "named"):
             prefill = tool_choice_prefill(self.harmony, named_tool if tool_choice == "named" else None)
-        return ChatPrompt(token_ids + prefill, prefill, tools_enabled)
+        return ChatPrompt(token_ids + prefill + opened_text, prefill, tools_enabled, echo_text if echo else "")
+
+    def _open_final_message(self, messages: list[dict], tool_choice: str | None):
+        """Split off the last message for continue_final_message: (the messages before it, its
+        harmony header, its text's tokens, its text)."""
+        last = messages[-1] if messages else None
+        if not isinstance(last, dict) or last.get("role") != "assistant" or last.get("tool_calls"):
+            raise bad_request("continue_final_message needs the last message to be an assistant message "
+                              "with text to continue.", "messages")
+        if tool_choice in ("required", "named"):
+            raise bad_request("continue_final_message cannot be combined with a forced tool_choice.", "tool_choice")
+        content = last.get("content")
+        reasoning = last.get("reasoning_content") or last.get("reasoning")
+        text, channel = (content, "final") if content else (reasoning, "analysis")
+        if not isinstance(text, str) or not text:
+            raise bad_request("continue_final_message needs the last message to have string content "
+                              "(or reasoning_content) to continue.", "messages")
+        header = [CHANNEL] + self.harmony.encode(channel, disallowed_special=()) + [MESSAGE]
+        return messages[:-1], header, self.tokenizer.encode(text), text
 
     def chat_sampling_params(self, req, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
         stop_ids = list(req.stop_token_ids or []) + list(self.tokenizer.stop_ids)  # <|return|>, <|call|>
@@ -136,7 +172,9 @@ class ChatServing(ServingBase):
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         prompt = await asyncio.to_thread(  # O(input) work stays off the event loop
             self.render_prompt, req.messages, tools=tools, tool_choice="named" if named else req.tool_choice,
-            named_tool=named, reasoning_effort=req.reasoning_effort, response_format=req.response_format)
+            named_tool=named, reasoning_effort=req.reasoning_effort, response_format=req.response_format,
+            add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message,
+            echo=req.echo)
         self.check_token_ids(prompt.token_ids, "messages")
         max_tokens = self.resolve_max_tokens(len(prompt.token_ids), req.max_completion_tokens or req.max_tokens,
                                              "messages")
@@ -167,6 +205,7 @@ class ChatServing(ServingBase):
             calls = [ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.text))
                      for item in p.tool_calls]
             content = p.text_of(CONTENT)
+            content = prompt.echo + content if prompt.echo else content
             message = ChatMessage(role=self.response_role, content=content or (None if calls else ""),
                                   reasoning_content=p.text_of(REASONING) or None, tool_calls=calls)
             result.append(ChatChoice(index=i, message=message, finish_reason=st.finish_reason,
@@ -196,7 +235,7 @@ class ChatServing(ServingBase):
             return body
 
         for i in range(len(choices)):
-            first = chunk(ChatChunkChoice(index=i, delta=DeltaMessage(role=self.response_role, content="")),
+            first = chunk(ChatChunkChoice(index=i, delta=DeltaMessage(role=self.response_role, content=prompt.echo)),
                           token_ids=[] if return_token_ids else None)
             if return_token_ids:
                 first["prompt_token_ids"] = prompt.token_ids
