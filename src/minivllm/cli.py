@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-drain-s", type=float, default=os.environ.get("SHUTDOWN_DRAIN_S", "30"),
                        help="on SIGTERM, seconds running requests and RunPod jobs get to finish before "
                             "they are aborted / failed (default: $SHUTDOWN_DRAIN_S or 30)")
+    serve.add_argument("--max-waiting-requests", type=int, default=os.environ.get("MAX_WAITING_REQUESTS"),
+                       help="answer new OpenAI requests 503 + Retry-After while this many are queued "
+                            "(default: $MAX_WAITING_REQUESTS, else unlimited)")
     add_engine_args(serve)
     serve.set_defaults(func=serve_command, parser=serve)
 
@@ -122,7 +125,7 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     handler = worker[0](engine, serving, worker[1]) if worker else None
     app = create_app(engine, serving, api_key=args.api_key, runpod_handler=handler,
                      runpod_max_concurrency=worker[1].max_concurrency if worker else None,
-                     shutdown_drain_s=args.shutdown_drain_s)
+                     shutdown_drain_s=args.shutdown_drain_s, max_waiting_requests=args.max_waiting_requests)
     # uvicorn's own limit comes a little after ours: by then every stream was told it was aborted.
     server = draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                             timeout_graceful_shutdown=args.shutdown_drain_s + 5))

@@ -8,6 +8,7 @@ caller at once and never reaches the engine thread.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import queue
@@ -24,6 +25,21 @@ logger = logging.getLogger(__name__)
 _ids = itertools.count()
 
 
+class Admission:
+    def __init__(self, engine: "AsyncEngine") -> None:
+        self._engine = engine
+        self.open = True
+
+    def close(self) -> None:
+        """The admitted request is over (or never reached the engine): stop counting it."""
+        if self.open:
+            self.open = False
+            self._engine._num_queued -= 1
+
+
+_admission: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("minivllm_admission", default=None)
+
+
 class EngineDeadError(RuntimeError):
     pass
 
@@ -35,6 +51,7 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
+        self._num_queued = 0
         self.last_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="minivllm-engine", daemon=True)
         self._thread.start()
@@ -66,10 +83,18 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request))
-        finished = False
+        admission = _admission.get()
+        if admission is not None and admission.open:
+            admission.open = False  # counted since admitted at the edge: the count is this request's now
+        else:
+            self._num_queued += 1
+        queued, finished = True, False
         try:
             while True:
                 item = await stream.get()
+                if queued:
+                    queued = False
+                    self._num_queued -= 1
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -77,6 +102,8 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
+            if queued:
+                self._num_queued -= 1
             self._streams.pop(request_id, None)
             if not finished:
                 # Shielded: a cancelled caller still waits for the free, so "cancelled" means "freed".
@@ -89,6 +116,23 @@ class AsyncEngine:
         done = asyncio.get_running_loop().create_future()
         self._send(("abort", request_id, done))
         await done
+
+    def admit(self, max_queued: int) -> Admission | None:
+        """Admission control at the edge: None when ``max_queued`` requests are already queued, else
+        an Admission that counts as queued from now on (while the prompt is still being rendered)
+        until the request it leads to reaches generate(), or until closed. Call from the task that
+        then makes the request (the admission travels in a context variable)."""
+        if self._num_queued >= max_queued:
+            return None
+        self._num_queued += 1
+        admission = Admission(self)
+        _admission.set(admission)
+        return admission
+
+    @property
+    def num_queued(self) -> int:
+        """Requests submitted whose first output has not come yet (waiting, or in their prefill)."""
+        return self._num_queued
 
     @property
     def num_streams(self) -> int:

@@ -17,6 +17,7 @@ from contextlib import aclosing, asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minivllm.engine.async_engine import AsyncEngine
@@ -99,7 +100,10 @@ class ServerState:
 
 def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | None = None,
                runpod_handler=None, runpod_max_concurrency: int | None = None,
-               shutdown_drain_s: float = 30.0) -> FastAPI:
+               shutdown_drain_s: float = 30.0, max_waiting_requests: int | None = None) -> FastAPI:
+    """max_waiting_requests: past this many queued requests (submitted, no output yet), new OpenAI
+    requests get 503 + Retry-After so a load balancer or autoscaler can react; RunPod jobs are never
+    refused (the platform queues them). None: no limit, as in vLLM."""
     jobs = RunPodJobs(runpod_handler, runpod_max_concurrency) if runpod_handler is not None else None
     state = ServerState(engine, shutdown_drain_s, jobs)
     metrics = ServerMetrics(engine, serving.served_model_name)
@@ -136,6 +140,27 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
     async def openai_route(request: Request, route: str) -> Response:
         if state.draining:
             raise OpenAIError("The server is shutting down: send the request again later.", 503)
+        admission = None
+        if request.method == "POST" and max_waiting_requests is not None:
+            admission = engine.admit(max_waiting_requests)
+            if admission is None:
+                error = OpenAIError(f"The server is at capacity ({engine.num_queued} requests waiting, the limit "
+                                    f"is {max_waiting_requests}): retry shortly.", 503)
+                return JSONResponse(error.to_dict(), status_code=503, headers={"Retry-After": "1"})
+        try:
+            response = await _openai_response(request, route)
+        except BaseException:
+            if admission is not None:
+                admission.close()
+            raise
+        if admission is not None:
+            if isinstance(response, StreamingResponse):
+                response.background = BackgroundTask(admission.close)
+            else:
+                admission.close()
+        return response
+
+    async def _openai_response(request: Request, route: str) -> Response:
         body = None
         if request.method == "POST":
             raw = await request.body()

@@ -103,6 +103,11 @@ class _EngineCollector:
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self.model_name], float(stats[key]))
             yield family
+        queued = GaugeMetricFamily("minivllm:num_requests_queued",
+                                   "Requests submitted whose first output has not come yet (what "
+                                   "MAX_WAITING_REQUESTS limits).", labels=["model_name"])
+        queued.add_metric([self.model_name], float(self.engine.num_queued))
+        yield queued
         preempt = CounterMetricFamily("minivllm:num_preemptions", "Preempted sequences.", labels=["model_name"])
         preempt.add_metric([self.model_name], float(stats.get("num_preemptions", 0)))
         yield preempt
