@@ -154,9 +154,10 @@ COPY --from=model /baked/ /
 
 # Our package, without the [cpu] extra: the image's CUDA torch satisfies `torch>=2.6`.
 # The source is bind-mounted read-write so build leftovers (build/, *.egg-info) are discarded.
+# kernels/ (no __init__.py) lands as minivllm/kernels/*.py: import a module, not just the package.
 RUN --mount=type=bind,source=.,target=/tmp/minivllm-src,rw \
     pip install /tmp/minivllm-src \
-    && python -c "import torch, minivllm.kernels; assert torch.version.cuda"
+    && python -c "import torch, minivllm.kernels.moe_gemm, minivllm.kernels.attention_decode; assert torch.version.cuda"
 COPY src/handler.py /src/handler.py
 COPY builder /builder
 
