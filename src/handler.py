@@ -86,7 +86,7 @@ def main() -> None:
         serving = OpenAIServing(engine, config.served_model_id, max_model_len=engine.engine.max_model_len,
                                 response_role=config.openai_response_role,
                                 force_include_usage=config.enable_force_include_usage,
-                                chat_template=config.custom_chat_template)
+                                chat_template=config.custom_chat_template, limits=config.limits())
     except Exception as e:
         fail(f"cannot set up the OpenAI routes: {e}")
     log.info("model %s ready in %.1f s", config.served_model_id, time.perf_counter() - start)

@@ -76,7 +76,7 @@ OUT_OF_RANGE = [
     ({"min_tokens": 2**70}, "min_tokens", "less than or equal to"),
     ({"stop_token_ids": [2**64]}, "stop_token_ids", "less than or equal to"),
     ({"stop_token_ids": [300000]}, "stop_token_ids", "token id 300000 is out of vocabulary"),
-    ({"n": 10**30}, "n", "less than or equal to 128"),
+    ({"n": 10**30}, "n", "limit of 128 (set by MAX_N)"),
 ]
 
 

@@ -108,18 +108,20 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     import uvicorn
 
     from minivllm.engine.async_engine import AsyncEngine
+    from minivllm.limits import RequestLimits
     from minivllm.openai.serving import OpenAIServing
     from minivllm.server.app import create_app
 
     engine_args = engine_args_from(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = _runpod_worker()
+    limits = worker[1].limits() if worker else RequestLimits()  # MAX_N, MAX_LOGPROBS, ... from the environment
     try:
         engine = AsyncEngine.from_engine_args(engine_args)
         name = args.served_model_name or served_name_of(engine_args.model)
         serving = OpenAIServing(engine, name, max_model_len=engine.engine.max_model_len,
                                 response_role=args.response_role, force_include_usage=args.enable_force_include_usage,
-                                chat_template=args.chat_template)
+                                chat_template=args.chat_template, limits=limits)
     except (ValueError, OSError, RuntimeError) as e:  # bad model, checkpoint or template: one clear line
         sys.exit(f"minivllm serve: {e}")
     handler = worker[0](engine, serving, worker[1]) if worker else None

@@ -10,6 +10,7 @@ from typing import Any
 
 from minivllm.engine.async_engine import AsyncEngine, EngineDeadError
 from minivllm.engine.llm_engine import check_token_ids
+from minivllm.limits import LimitError, RequestLimits
 from minivllm.openai.errors import OpenAIError, bad_request, not_found
 from minivllm.openai.protocol import SamplingRequest
 from minivllm.outputs import RequestOutput
@@ -22,8 +23,9 @@ def random_id(prefix: str) -> str:
 
 class ServingBase:
     def __init__(self, engine: AsyncEngine, model_name: str, max_model_len: int, *,
-                 force_include_usage: bool = False) -> None:
+                 force_include_usage: bool = False, limits: RequestLimits | None = None) -> None:
         self.engine = engine
+        self.limits = limits or RequestLimits()
         self.force_include_usage = force_include_usage  # ENABLE_FORCE_INCLUDE_USAGE: every stream
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -37,6 +39,12 @@ class ServingBase:
     def include_usage(self, req: SamplingRequest) -> bool:
         """Whether a stream ends with a usage chunk (and its other chunks carry "usage": null)."""
         return self.force_include_usage or bool(req.stream_options and req.stream_options.include_usage)
+
+    def check_tools(self, tools: list | None) -> None:
+        try:
+            self.limits.check_tools(tools)
+        except LimitError as e:
+            raise bad_request(str(e), "tools") from None
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:  # absent or "": the served model
@@ -87,9 +95,15 @@ class ServingBase:
                 f"Please reduce the length of the {what} or completion.", param)
         return max_tokens
 
-    def sampling_params(self, req: SamplingRequest, max_tokens: int, **extra) -> SamplingParams:
+    def sampling_params(self, req: SamplingRequest, max_tokens: int, logprobs_name: str = "logprobs",
+                        **extra) -> SamplingParams:
         if req.prompt_logprobs is not None and req.stream:
             raise bad_request("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+        try:
+            self.limits.check_sampling(n=req.n, logprobs=extra.get("logprobs"), logprobs_name=logprobs_name,
+                                       prompt_logprobs=extra.get("prompt_logprobs", req.prompt_logprobs), stop=req.stop)
+        except LimitError as e:
+            raise bad_request(str(e), str(e).split(" ", 1)[0]) from None  # the message starts with the param
         # Checked here, not only by the engine: a stream has already sent its first chunk by then.
         self._check_vocab(req.stop_token_ids or [], "stop_token_ids")
         values = {"n": req.n, "max_tokens": max_tokens, "min_tokens": min(req.min_tokens, max_tokens),

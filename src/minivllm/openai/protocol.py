@@ -66,7 +66,7 @@ class SamplingRequest(OpenAIRequest):
     """Fields chat and completions share; None means "the default"."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1)  # at most RequestLimits.max_n
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -86,7 +86,7 @@ class SamplingRequest(OpenAIRequest):
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = None
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # choices carry token_ids, the response prompt_token_ids
-    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM: logprobs of the prompt's tokens
+    prompt_logprobs: int | None = Field(None, ge=0)  # vLLM: logprobs of the prompt's tokens
 
     @field_validator("n", mode="before")
     @classmethod
@@ -101,7 +101,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0)  # at most RequestLimits.max_logprobs
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -123,7 +123,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0)  # at most RequestLimits.max_logprobs
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
     skip_special_tokens: bool = True

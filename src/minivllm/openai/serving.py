@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from minivllm.engine.async_engine import AsyncEngine
+from minivllm.limits import RequestLimits
 from minivllm.openai.errors import OpenAIError, bad_request, not_found
 from minivllm.openai.protocol import (
     ChatCompletionRequest,
@@ -40,15 +41,18 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_name: str, *, max_model_len: int,
                  response_role: str = "assistant", force_include_usage: bool = False,
                  chat_template: str | None = None, max_stored_responses: int = 1000,
-                 max_stored_bytes: int = 256 << 20) -> None:
-        """max_stored_*: the bound of the in-process response store (`store: true`); oldest go first."""
+                 max_stored_bytes: int = 256 << 20, limits: RequestLimits | None = None) -> None:
+        """max_stored_*: the bound of the in-process response store (`store: true`); oldest go first.
+        limits: what one request may ask for (n, logprobs, stop strings, tools)."""
         self.engine = engine
         self.served_model_name = served_model_name
         self.max_model_len = max_model_len
+        self.limits = limits or RequestLimits()
         self.chat = ChatServing(engine, served_model_name, max_model_len, response_role=response_role,
-                                force_include_usage=force_include_usage, chat_template=chat_template)
+                                force_include_usage=force_include_usage, chat_template=chat_template,
+                                limits=self.limits)
         self.completion = CompletionServing(engine, served_model_name, max_model_len,
-                                            force_include_usage=force_include_usage)
+                                            force_include_usage=force_include_usage, limits=self.limits)
         self.responses = ResponsesServing(self.chat, ResponseStore(max_stored_responses, max_stored_bytes))
         self._routes: dict[str, tuple[type, Callable]] = {
             "/chat/completions": (ChatCompletionRequest, self.chat.create),

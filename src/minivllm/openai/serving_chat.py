@@ -91,8 +91,8 @@ class ChoiceState:
 
 class ChatServing(ServingBase):
     def __init__(self, engine, model_name: str, max_model_len: int, *, response_role: str = "assistant",
-                 force_include_usage: bool = False, chat_template: str | None = None) -> None:
-        super().__init__(engine, model_name, max_model_len, force_include_usage=force_include_usage)
+                 force_include_usage: bool = False, chat_template: str | None = None, limits=None) -> None:
+        super().__init__(engine, model_name, max_model_len, force_include_usage=force_include_usage, limits=limits)
         self.response_role = response_role
         self.chat_template = ChatTemplate(chat_template) if chat_template else None
         self._generation_prompt = self.harmony.encode("<|start|>assistant", allowed_special="all")
@@ -158,8 +158,9 @@ class ChatServing(ServingBase):
 
     def chat_sampling_params(self, req, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
         stop_ids = list(req.stop_token_ids or []) + list(self.tokenizer.stop_ids)  # <|return|>, <|call|>
-        return self.sampling_params(req, max_tokens, logprobs=logprobs, skip_special_tokens=False,
-                                    stop_token_ids=stop_ids, prompt_logprobs=req.prompt_logprobs)
+        return self.sampling_params(req, max_tokens, logprobs_name="top_logprobs", logprobs=logprobs,
+                                    skip_special_tokens=False, stop_token_ids=stop_ids,
+                                    prompt_logprobs=req.prompt_logprobs)
 
     # ---- the route --------------------------------------------------------------------------
     async def create(self, req: ChatCompletionRequest) -> dict | AsyncIterator[dict]:
@@ -168,6 +169,7 @@ class ChatServing(ServingBase):
             raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs to be true.", "top_logprobs")
+        self.check_tools(req.tools)
         named = req.tool_choice.function.name if not isinstance(req.tool_choice, (str, type(None))) else None
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         prompt = await asyncio.to_thread(  # O(input) work stays off the event loop

@@ -66,6 +66,7 @@ class ResponsesServing:
             raise bad_request("the Responses API produces one output; use n with chat completions.", "n")
         conversation = self._history(req.previous_response_id) + input_items(req.input)
         named = req.tool_choice.name if isinstance(req.tool_choice, ResponsesNamedTool) else None
+        chat.check_tools(req.tools)
         tools = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                  for t in req.tools or []]
         prompt = await asyncio.to_thread(  # O(input) work stays off the event loop

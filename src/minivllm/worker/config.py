@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pydantic import Field, ValidationError
 
 from minivllm.config import EngineArgs
+from minivllm.limits import RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ class ConfigError(ValueError):
     """A setting has a bad value; the message names where it came from."""
 
 
-class WorkerConfig(EngineArgs):
-    """Engine args (inherited) + RunPod worker settings."""
+class WorkerConfig(EngineArgs, RequestLimits):
+    """Engine args and request limits (inherited) + RunPod worker settings."""
 
     max_concurrency: int = Field(30, ge=1, description="Jobs one worker runs at once (concurrency_modifier).")
     default_batch_size: int = Field(

@@ -13,6 +13,7 @@ from contextlib import aclosing
 from typing import Any, TextIO
 
 from minivllm.engine.async_engine import AsyncEngine
+from minivllm.limits import LimitError
 from minivllm.worker.config import WorkerConfig
 from minivllm.worker.errors import job_error
 from minivllm.worker.job_input import JobInput, JobInputError
@@ -37,7 +38,8 @@ def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = Non
         raw = job.get("input") if isinstance(job, dict) else None
         try:
             job_input = JobInput.parse(raw)
-        except JobInputError as e:
+            config.check_size(job_input.size_bytes, "the job input")
+        except (JobInputError, LimitError) as e:
             yield job_error(str(e))
             return
         if job_input.openai_route is not None:

@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
 from minivllm.input_checks import check_text
 from minivllm.sampling_params import SamplingParams
@@ -55,6 +55,12 @@ class JobInput(BaseModel):
     batch_size_growth_factor: float | None = Field(None, gt=0)
     openai_route: str | None = None
     openai_input: dict[str, Any] | None = None
+    _size_bytes: int = PrivateAttr(0)
+
+    @property
+    def size_bytes(self) -> int:
+        """The size of the input as (ASCII) JSON."""
+        return self._size_bytes
 
     @classmethod
     def parse(cls, raw: Any) -> "JobInput":
@@ -62,7 +68,7 @@ class JobInput(BaseModel):
         if not isinstance(raw, dict):
             raise JobInputError(f"job input must be a JSON object, got {_json_type(raw)}")
         try:
-            json.dumps(raw, allow_nan=False)
+            size = len(json.dumps(raw, allow_nan=False))  # ASCII JSON: its length is its size in bytes
         except TypeError as e:
             raise JobInputError(f"job input is not valid JSON: {e}") from None
         except ValueError:
@@ -78,6 +84,7 @@ class JobInput(BaseModel):
         except ValidationError as e:
             raise JobInputError(_explain(e, prefix="")) from None
         job._check_shape(raw)
+        job._size_bytes = size
         return job
 
     def _check_shape(self, raw: dict) -> None:

@@ -36,6 +36,7 @@ class NativeEngine:
         closed), its engine stream's close aborts the request and awaits the free of its KV blocks."""
         try:
             params = job.make_sampling_params()
+            self._check_limits(params)
             prompt = await asyncio.to_thread(self._prompt, job)  # rendering a big chat: off the event loop
             if job.stream:
                 params.output_kind = RequestOutputKind.DELTA
@@ -56,6 +57,14 @@ class NativeEngine:
         except Exception as e:
             logger.exception("native job %s failed", request_id)
             yield job_error(f"internal error: {type(e).__name__}: {e}")
+
+    def _check_limits(self, params) -> None:
+        self.config.check_sampling(n=params.n, logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
+                                   stop=params.stop, where="sampling_params.")
+        max_model_len = self.engine.engine.max_model_len
+        if params.max_tokens is not None and params.max_tokens >= max_model_len:
+            raise JobInputError(f"sampling_params.max_tokens is {params.max_tokens}, but max_model_len is "
+                                f"{max_model_len} (prompt + output must fit)")
 
     def _prompt(self, job: JobInput):
         messages = job.messages
