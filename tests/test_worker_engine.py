@@ -243,7 +243,7 @@ class MidStreamFailure:
     def __init__(self, engine):
         self.engine = engine
 
-    async def dispatch(self, route, body):
+    async def dispatch(self, route, body, method=None):
         if route == "/v1/broken-response":
             return {"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}}
         return self._stream()

@@ -139,3 +139,19 @@ def test_webhook_gets_the_final_status(client):
         time.sleep(0.02)
     hook, = client.app.state.webhooks
     assert hook["id"] == job_id and hook["status"] == "COMPLETED" and hook["output"][0]["usage"]["output"] <= 2
+
+
+def test_route_jobs_through_the_emulation(client):
+    r = client.post("/runsync", json={"input": {"route": "/v1/completions", "body": {
+        "prompt": "Hello", "max_tokens": 4, "ignore_eos": True, "stream": True}}})
+    outs = r.json()["output"]
+    assert r.json()["status"] == "COMPLETED" and "".join(outs).endswith("data: [DONE]\n\n")
+    events = [json.loads(e[6:]) for o in outs for e in o.split("\n\n") if e.startswith("data: {")]
+    assert sum(len(e["choices"][0]["text"]) > 0 or e["choices"][0]["finish_reason"] is not None
+               for e in events) >= 1
+    r = client.post("/runsync", json={"input": {"route": "/v1/models", "prompt": "x"}})
+    assert r.json()["status"] == "FAILED" and "mixes native and route keys" in r.json()["error"]
+    r = client.post("/runsync", json={"input": {"route": "/v1/chat/completions", "method": "GET"}})
+    assert r.json()["status"] == "FAILED" and "GET is not allowed on /v1/chat/completions" in r.json()["error"]
+    r = client.post("/runsync", json={"input": {"route": "/v1/models"}})
+    assert r.json()["status"] == "COMPLETED" and r.json()["output"][0]["object"] == "list"

@@ -75,6 +75,22 @@ def test_rp_serve_api_openai_chat_and_models(rp_api):
     assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 6
 
 
+def test_rp_serve_api_route_jobs_as_worker_vllm_v2_24_sends_them(rp_api):
+    models, = runsync(rp_api, {"route": "/v1/models"})  # no body: GET
+    assert models["data"][0]["id"] == "tiny-gpt-oss"
+    body = {"prompt": "Hello", "max_tokens": 5, "ignore_eos": True}  # no model: the served one
+    out, = runsync(rp_api, {"route": "/v1/completions", "body": body})
+    assert out["object"] == "text_completion" and out["usage"]["completion_tokens"] == 5
+    outs = runsync(rp_api, {"route": "/v1/chat/completions", "method": "POST",
+                            "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True}})
+    assert all(isinstance(o, str) for o in outs) and outs[-1].endswith("data: [DONE]\n\n")
+    # runpod's local server reports a generator's error output as output (the platform fails the job)
+    wrong_method = rp_api.post("/runsync", json={"input": {"route": "/v1/completions", "method": "GET"}}).json()
+    assert "GET is not allowed on /v1/completions: use POST" in json.dumps(wrong_method), wrong_method
+    unknown = rp_api.post("/runsync", json={"input": {"route": "/v1/nope", "body": {}}}).json()
+    assert "Unknown route '/v1/nope'" in json.dumps(unknown), unknown
+
+
 def test_test_input_runs_the_job_and_prints_every_batch():
     job = {"input": {"prompt": "Hello", "stream": True, "sampling_params": {"max_tokens": 4, "ignore_eos": True}}}
     proc = subprocess.run([sys.executable, HANDLER, "--test_input", json.dumps(job)], env=worker_env(),

@@ -7,6 +7,9 @@ chunk dicts, each one SSE event's JSON payload; the caller frames them (``data: 
 with ``data: [DONE]``. Closing that iterator early aborts the engine request. Bad input raises
 OpenAIError before any work starts.
 
+Anthropic's Messages API: ``/v1/messages`` and ``/v1/messages/count_tokens`` (minivllm.anthropic);
+their errors are AnthropicError, an OpenAIError whose to_dict() is Anthropic's error body.
+
 Stored responses: ``/v1/responses/{id}`` with no body retrieves one, ``/v1/responses/{id}/cancel``
 cancels a background one, and ``method="DELETE"`` on ``/v1/responses/{id}`` deletes one.
 """
@@ -54,6 +57,9 @@ class OpenAIServing:
         self.completion = CompletionServing(engine, served_model_name, max_model_len,
                                             force_include_usage=force_include_usage, limits=self.limits)
         self.responses = ResponsesServing(self.chat, ResponseStore(max_stored_responses, max_stored_bytes))
+        from minivllm.anthropic.serving import AnthropicServing  # here: minivllm.anthropic imports this package
+
+        self.anthropic = AnthropicServing(self.chat)
         self._routes: dict[str, tuple[type, Callable]] = {
             "/chat/completions": (ChatCompletionRequest, self.chat.create),
             "/completions": (CompletionRequest, self.completion.create),
@@ -70,10 +76,18 @@ class OpenAIServing:
         self.chat.request_observer = self.completion.request_observer = observer
 
     async def dispatch(self, route: str, body: dict | None, method: str | None = None) -> dict | AsyncIterator[dict]:
-        """`method` only matters where a path means two things (DELETE /v1/responses/{id})."""
+        """`method`: checked against the route when given (a route job's); it also tells the two
+        meanings of one path apart (DELETE /v1/responses/{id})."""
         path = _normalize(route)
+        if method is not None:
+            allowed = allowed_methods(path)
+            if allowed and method.upper() not in allowed:
+                raise OpenAIError(f"{method.upper()} is not allowed on {route}: use {' or '.join(sorted(allowed))}.",
+                                  405, code="method_not_allowed")
         if path.startswith("/responses/"):
             return await self.responses.handle(path[len("/responses/"):], body, method and method.upper())
+        if path in ("/messages", "/messages/count_tokens"):
+            return await self.anthropic.handle(path, body)
         if path == "/models":
             return self.models()
         if path.startswith("/models/"):
@@ -83,7 +97,7 @@ class OpenAIServing:
             return ModelCard(id=name, max_model_len=self.max_model_len).model_dump()
         if path not in self._routes:
             raise not_found(f"Unknown route {route!r}: this server serves /v1/models, /v1/chat/completions, "
-                            f"/v1/completions and /v1/responses.", code="unknown_url")
+                            f"/v1/completions, /v1/responses and /v1/messages.", code="unknown_url")
         request_type, handler = self._routes[path]
         if not isinstance(body, dict) or not body:
             raise bad_request(f"{path[1:]} needs a JSON object as the request body.")
@@ -106,3 +120,14 @@ def _normalize(route: str) -> str:
         if path == prefix or path.startswith(prefix + "/"):
             path = path[len(prefix):] or "/"
     return path
+
+
+def allowed_methods(path: str) -> frozenset[str]:
+    """The HTTP methods a (normalized) route answers; empty for a route this server lacks."""
+    if path in ("/models", "/models/") or (path.startswith("/models/") and path.count("/") == 2):
+        return frozenset({"GET"})
+    if path in ("/chat/completions", "/completions", "/responses", "/messages", "/messages/count_tokens"):
+        return frozenset({"POST"})
+    if path.startswith("/responses/"):
+        return frozenset({"POST"}) if path.endswith("/cancel") else frozenset({"GET", "DELETE"})
+    return frozenset()

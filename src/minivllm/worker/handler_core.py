@@ -42,7 +42,7 @@ def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = Non
         except (JobInputError, LimitError) as e:
             yield job_error(str(e))
             return
-        if job_input.openai_route is not None:
+        if job_input.openai_route is not None or job_input.route is not None:
             outputs = openai.generate(job_input)
         else:
             job_id = job.get("id") or "job"

@@ -1,8 +1,10 @@
 """A RunPod job's input, validated: worker-vllm's schema, with messages that say what is wrong.
 
-Native jobs: ``prompt`` or ``messages``, ``sampling_params``, ``stream``, ``apply_chat_template``.
-OpenAI jobs: ``openai_route`` + ``openai_input`` (the request body). Both may set
-``max_batch_size``, ``min_batch_size`` and ``batch_size_growth_factor`` for their stream.
+Three shapes, one per job:
+- native: ``prompt`` or ``messages``, ``sampling_params``, ``stream``, ``apply_chat_template``;
+- OpenAI (worker-vllm <= v2.23): ``openai_route`` + ``openai_input`` (the request body);
+- route (worker-vllm v2.24+): ``route`` + ``body`` + ``method`` (a body means POST, none GET).
+Each may set ``max_batch_size``, ``min_batch_size`` and ``batch_size_growth_factor`` for its stream.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def _sampling_params_schema() -> type[BaseModel]:
 _SamplingParamsInput = _sampling_params_schema()
 
 
+_SHAPES = {
+    "native": ("prompt", "messages", "sampling_params", "stream", "apply_chat_template"),
+    "openai": ("openai_route", "openai_input"),
+    "route": ("route", "body", "method"),
+}
+
+
 class JobInput(BaseModel):
     # Lax types at the top level: worker-vllm int()/float()-parsed its batch-size fields.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -55,6 +64,9 @@ class JobInput(BaseModel):
     batch_size_growth_factor: float | None = Field(None, gt=0)
     openai_route: str | None = None
     openai_input: dict[str, Any] | None = None
+    route: str | None = None
+    body: dict[str, Any] | None = None
+    method: str | None = None
     _size_bytes: int = PrivateAttr(0)
 
     @property
@@ -87,14 +99,24 @@ class JobInput(BaseModel):
         job._size_bytes = size
         return job
 
+    @property
+    def route_method(self) -> str:
+        """A route job's HTTP method: as given, else POST with a body and GET without."""
+        return (self.method or ("POST" if self.body is not None else "GET")).upper()
+
     def _check_shape(self, raw: dict) -> None:
+        shapes = [name for name, keys in _SHAPES.items() if any(k in raw for k in keys)]
+        if len(shapes) > 1:
+            raise JobInputError(f"a job is one of: a native job (prompt/messages), an OpenAI job (openai_route + "
+                                f"openai_input) or a route job (route + body + method); this one mixes "
+                                f"{' and '.join(shapes)} keys: {', '.join(k for s in shapes for k in _SHAPES[s] if k in raw)}")
+        if shapes == ["route"]:
+            if not (self.route or "").strip():
+                raise JobInputError("route must be a route such as '/v1/chat/completions'")
+            if self.route_method not in ("GET", "POST", "DELETE"):
+                raise JobInputError(f"method must be GET, POST or DELETE, got {self.method!r}")
+            return
         if self.openai_route is not None:
-            native = [k for k in ("prompt", "messages", "sampling_params", "stream", "apply_chat_template")
-                      if k in raw]
-            if native:
-                raise JobInputError(
-                    f"{', '.join(native)} cannot be combined with openai_route: put the request "
-                    f"(messages, stream, temperature, ...) in openai_input")
             if not self.openai_route.strip():
                 raise JobInputError("openai_route must be a route such as '/v1/chat/completions'")
             return
@@ -103,7 +125,7 @@ class JobInput(BaseModel):
         if self.prompt is not None and self.messages is not None:
             raise JobInputError("give either prompt or messages, not both")
         if self.prompt is None and self.messages is None:
-            raise JobInputError("the job needs a prompt (text) or messages (a chat), or an openai_route")
+            raise JobInputError("the job needs a prompt (text) or messages (a chat), an openai_route or a route")
         if self.prompt is not None and not self.prompt:
             raise JobInputError("prompt is empty")
         if self.messages is not None and not self.messages:

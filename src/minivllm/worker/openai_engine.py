@@ -1,9 +1,11 @@
-"""OpenAI jobs (openai_route + openai_input) through the same serving layer as the HTTP server.
+"""OpenAI jobs (openai_route + openai_input) and route jobs (route + body + method) through the
+same serving layer as the HTTP server.
 
 Non-stream: the response object, once. Stream: batches of SSE events (growing sizes, as native
-jobs): with RAW_OPENAI_OUTPUT=1 each batch is raw SSE text (``data: {json}\\n\\n`` ...), the last
-ending in ``data: [DONE]\\n\\n``, which the RunPod gateway relays as the SSE body; with 0, each batch
-is a list of chunk objects. Errors: the OpenAI error body, which fails the job.
+jobs): each batch is raw SSE text (``data: {json}\\n\\n`` ...), the last ending in
+``data: [DONE]\\n\\n``, which the RunPod gateway relays as the SSE body; an OpenAI job with
+RAW_OPENAI_OUTPUT=0 gets lists of chunk objects instead. Errors: the OpenAI error body, which
+fails the job.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ class OpenAIEngine:
         if self.serving is None:
             yield openai_error(OpenAIError("the OpenAI routes are not available in this worker", 503).to_dict())
             return
+        if job.route is not None:
+            route, body, method, raw_sse = job.route, job.body, job.route_method, True
+        else:
+            route, body, method, raw_sse = job.openai_route, job.openai_input, None, self.config.raw_openai_output
         try:
-            result = await self.serving.dispatch(job.openai_route, job.openai_input)
+            result = await self.serving.dispatch(route, body, method)
             if isinstance(result, dict):
                 yield openai_error(result) if "error" in result else result
                 return
@@ -46,7 +52,7 @@ class OpenAIEngine:
                 groups = timed_batches(_with_done(result), job.batch_size(self.config), _weight, max_wait)
                 async with aclosing(groups):
                     async for events in groups:
-                        if self.config.raw_openai_output:
+                        if raw_sse:
                             yield "".join(_sse(e) for e in events)
                         else:
                             chunks = [e for e in events if e is not _DONE]
@@ -55,7 +61,7 @@ class OpenAIEngine:
         except OpenAIError as e:
             yield openai_error(e.to_dict())
         except Exception as e:
-            logger.exception("OpenAI job on %s failed", job.openai_route)
+            logger.exception("OpenAI job on %s failed", route)
             yield openai_error(OpenAIError(f"internal error: {type(e).__name__}: {e}", 500).to_dict())
 
 
@@ -72,4 +78,6 @@ def _weight(event) -> int:
 def _sse(event) -> str:
     if event is _DONE:
         return "data: [DONE]\n\n"
-    return f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    # Typed events (Responses, Anthropic) name themselves on an `event:` line, as over HTTP.
+    name = f"event: {event['type']}\n" if isinstance(event.get("type"), str) else ""
+    return f"{name}data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
