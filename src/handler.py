@@ -76,10 +76,16 @@ def main() -> None:
     from minivllm.worker import make_concurrency_modifier, make_handler, run_test_job
 
     start = time.perf_counter()
-    try:
-        engine = AsyncEngine.from_engine_args(config.engine_args())
-    except Exception as e:
-        fail(f"cannot load model {config.model or '(embedded default)'}: {e}")
+    loaded: list = []  # the engine, or the error that stopped it
+    loader = threading.Thread(target=_load, args=(AsyncEngine, config, loaded), daemon=True)
+    loader.start()
+    loader.join(config.vllm_startup_timeout)
+    if not loaded:
+        fail(f"the model {config.model or '(embedded default)'} did not load within VLLM_STARTUP_TIMEOUT "
+             f"({config.vllm_startup_timeout:g} s)")
+    if isinstance(loaded[0], Exception):
+        fail(f"cannot load model {config.model or '(embedded default)'}: {loaded[0]}")
+    engine = loaded[0]
     try:
         from minivllm.openai.serving import OpenAIServing
 
@@ -105,6 +111,13 @@ def main() -> None:
         "concurrency_modifier": make_concurrency_modifier(config),
         "return_aggregate_stream": True,
     })
+
+
+def _load(engine_class, config, out: list) -> None:
+    try:
+        out.append(engine_class.from_engine_args(config.engine_args()))
+    except Exception as e:  # reported by the main thread
+        out.append(e)
 
 
 def _import_runpod() -> None:

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enable-force-include-usage", action="store_true",
                        help="send usage at the end of every stream, asked for or not")
     serve.add_argument("--chat-template", help="Jinja chat template (file or text) instead of harmony rendering")
+    serve.add_argument("--config", metavar="FILE.yaml",
+                       help="a `vllm serve --config` YAML file (keys are long flag names, e.g. max-model-len: 8192); "
+                            "precedence: defaults < this file < environment variables < flags")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--shutdown-drain-s", type=float, default=os.environ.get("SHUTDOWN_DRAIN_S", "30"),
                        help="on SIGTERM, seconds running requests and RunPod jobs get to finish before "
@@ -104,6 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def with_config_and_env(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Re-parse the command line over defaults from the --config file, then the engine args set
+    by environment variables (MAX_MODEL_LEN, ...): flags given on the command line still win."""
+    from minivllm.worker.config import engine_settings_from_env
+    from minivllm.worker.vllm_flags import FlagError, read_config_file
+
+    try:
+        defaults = read_config_file(args.config) if args.config else {}
+    except FlagError as e:
+        parser.error(str(e))
+    dests = {action.dest for action in parser._actions}
+    unknown = sorted("--" + k.replace("_", "-") for k in defaults if k not in dests)
+    if unknown:
+        parser.error(f"the config file {args.config}: unknown setting(s) {', '.join(unknown)}")
+    env = engine_settings_from_env()
+    if not defaults and not env:
+        return args
+    parser.set_defaults(**{**defaults, **env})
+    reparsed = parser.parse_args(args.argv[1:])  # the subcommand's own arguments
+    reparsed.argv = args.argv
+    return reparsed
+
+
 def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -112,8 +138,9 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     from minivllm.openai.serving import OpenAIServing
     from minivllm.server.app import create_app
 
-    engine_args = engine_args_from(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = with_config_and_env(parser, args)
+    engine_args = engine_args_from(parser, args)
     worker = _runpod_worker()
     limits = worker[1].limits() if worker else RequestLimits()  # MAX_N, MAX_LOGPROBS, ... from the environment
     try:
@@ -194,6 +221,7 @@ def write_tiny_command(parser: argparse.ArgumentParser, args: argparse.Namespace
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     return args.func(args.parser, args)  # the subcommand's parser, so errors show its usage
 
 

@@ -1,10 +1,11 @@
 """One typed schema for the RunPod worker: every engine arg plus the worker's own settings.
 
-Sources, later wins: the schema's defaults < environment variables < ``/local_model_args.json``
-(written by baked images; path overridable with ``LOCAL_MODEL_ARGS_PATH``). Every setting is
-read from its UPPER_CASE name; worker-vllm's names (``MODEL_NAME``, ``MODEL_REVISION``,
-``TOKENIZER_NAME``) and both spellings of its batch-size variables are read too. A bad value fails
-start-up with a message naming the variable.
+Sources, later wins: the schema's defaults < the YAML file ``VLLM_CONFIG_FILE`` names (`vllm serve
+--config` keys) < environment variables < ``VLLM_EXTRA_ARGS`` (raw `vllm serve` flags) <
+``/local_model_args.json`` (written by baked images; path overridable with ``LOCAL_MODEL_ARGS_PATH``).
+Every setting is read from its UPPER_CASE name; worker-vllm's names (``MODEL_NAME``,
+``MODEL_REVISION``, ``TOKENIZER_NAME``) and both spellings of its batch-size variables are read too.
+A bad value fails start-up with a message naming where it came from.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import Field, ValidationError
 
 from minivllm.config import EngineArgs
 from minivllm.limits import RequestLimits
+from minivllm.worker.vllm_flags import FLAG_ALIASES, FlagError, parse_extra_args, read_config_file
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ class WorkerConfig(EngineArgs, RequestLimits):
         1, ge=1, description="Accepted for worker-vllm compatibility; the engine uses one GPU.")
     base_path: str | None = Field(
         None, description="Storage root (worker-vllm); downloads go to BASE_PATH/huggingface-cache/hub.")
+    request_timeout: float = Field(3600.0, gt=0, description="Seconds one job may run before it fails (worker-vllm's).")
+    vllm_startup_timeout: float = Field(
+        1200.0, gt=0, description="Seconds the model may take to load before the worker exits with an error.")
 
     def engine_args(self) -> EngineArgs:
         args = self.model_dump(include=set(EngineArgs.model_fields))
@@ -93,7 +98,18 @@ class WorkerConfig(EngineArgs, RequestLimits):
         environ = os.environ if environ is None else environ
         if local_args_path is None:
             local_args_path = environ.get("LOCAL_MODEL_ARGS_PATH") or DEFAULT_LOCAL_MODEL_ARGS_PATH
-        values, origins = _from_env(environ)
+        values, origins = {}, {}
+        try:
+            if environ.get("VLLM_CONFIG_FILE"):
+                path = environ["VLLM_CONFIG_FILE"]
+                _add_flags(values, origins, read_config_file(path), f"the config file {path} (VLLM_CONFIG_FILE)")
+            env_values, env_origins = _from_env(environ)
+            values.update(env_values)
+            origins.update(env_origins)
+            if environ.get("VLLM_EXTRA_ARGS"):
+                _add_flags(values, origins, parse_extra_args(environ["VLLM_EXTRA_ARGS"]), "VLLM_EXTRA_ARGS")
+        except FlagError as e:
+            raise ConfigError(str(e)) from None
         local = _read_local_args(local_args_path)
         repo_ids = [repo_id_of(v) for v in (local.get("model"), values.get("model")) if isinstance(v, str)]
         shown_path = local_args_path.replace("{", "{{").replace("}", "}}")
@@ -110,14 +126,23 @@ class WorkerConfig(EngineArgs, RequestLimits):
             raise ConfigError(_explain(e, values, origins)) from None
 
 
+def _add_flags(values: dict, origins: dict, flags: dict, source: str) -> None:
+    for flag_name, value in flags.items():
+        flag = "--" + flag_name.replace("_", "-")
+        name = FLAG_ALIASES.get(flag_name, flag_name)
+        if name not in WorkerConfig.model_fields:
+            raise ConfigError(f"{source}: unknown setting {flag} (see the README's settings table)")
+        values[name], origins[name] = value, f"{flag}{{got}} in {source}"
+
+
 def env_names(field: str) -> tuple[str, ...]:
     """The environment variables a setting is read from, preferred first."""
     return ENV_NAMES.get(field, (field.upper(),))
 
 
-def _from_env(environ: Mapping[str, str]) -> tuple[dict, dict]:
+def _from_env(environ: Mapping[str, str], fields=None) -> tuple[dict, dict]:
     values, origins = {}, {}
-    for field in WorkerConfig.model_fields:
+    for field in fields or WorkerConfig.model_fields:
         found = [(name, environ[name]) for name in env_names(field) if environ.get(name, "") != ""]
         if not found:
             continue  # unset and empty both mean "use the default", as in worker-vllm
@@ -188,3 +213,10 @@ def env_var_table() -> str:
         default = "" if info.default is None else f"`{json.dumps(info.default)}`"
         rows.append(f"| {names} | `{field}` | {default} | {info.description or ''} |")
     return "\n".join(rows)
+
+
+def engine_settings_from_env(environ: Mapping[str, str] | None = None) -> dict:
+    """The engine args set by environment variables (for `minivllm serve`: between its config
+    file and its flags)."""
+    values, _ = _from_env(os.environ if environ is None else environ, EngineArgs.model_fields)
+    return values

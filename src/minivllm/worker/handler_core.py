@@ -47,9 +47,18 @@ def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = Non
         else:
             job_id = job.get("id") or "job"
             outputs = native.generate(job_input, f"{job_id}-{uuid.uuid4().hex[:8]}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.request_timeout
         try:
             async with aclosing(outputs):
-                async for output in outputs:
+                while True:
+                    try:  # past REQUEST_TIMEOUT, the wait is cancelled: that aborts the engine request
+                        output = await asyncio.wait_for(outputs.__anext__(), max(0.0, deadline - loop.time()))
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        yield job_error(f"the job ran longer than REQUEST_TIMEOUT ({config.request_timeout:g} s)")
+                        return
                     yield output
         except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit):
             raise
