@@ -28,3 +28,9 @@ def test_bench_gpu_tiny_mode(tmp_path):
 def test_bench_offline_and_host_overhead_small():
     assert "speed-up" in run("benchmarks/bench_offline.py", "--num-prompts", "3", "--max-tokens", "3", "--max-len", "20")
     assert "per step" in run("benchmarks/bench_host_overhead.py", "--num-seqs", "8", "--steps", "5")
+
+
+def test_bench_long_prompt_and_robustness_small():
+    assert "peak +MB" in run("benchmarks/bench_long_prompt.py", "--sizes", "300", "--chunk", "128")
+    out = run("benchmarks/bench_robustness.py", "--per-class", "1", "--long-prompt", "2000")
+    assert "0 5xx" in out and "2000-token prompt: status 200" in out

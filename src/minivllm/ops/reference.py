@@ -40,6 +40,13 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
 
 
+# Tile sizes of the reference attention. Working memory per step is a few (heads, Q_TILE, keys)
+# fp32 score tiles plus one tile of gathered K/V, whatever the context length.
+Q_TILE = 512  # queries per tile
+SCORE_TILE = 1 << 19  # queries x keys per tile and head (2 MiB of fp32 scores per head)
+MAX_K_TILE = 8192  # keys per tile even when few queries (decode), bounding the K/V gather
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -53,7 +60,11 @@ def paged_attention(
 
     A query at position p sees keys (p - sliding_window, p] when sliding_window > 0 (128 keys
     including itself), else [0, p]. The sink is one extra logit per head that takes softmax mass
-    and contributes no value.
+    and contributes no value: softmax over [scores, sink], then drop the sink column.
+
+    Tiled, flash-attention style: queries go Q_TILE at a time, and each query tile walks its
+    visible KV blocks (those inside the window of some query of the tile, up to its last query)
+    a key tile at a time with an online softmax, so memory does not grow with the context.
     """
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // num_kv_heads
@@ -61,28 +72,62 @@ def paged_attention(
     sink_logits = sinks.float().view(num_kv_heads, group, 1, 1)
     for i, ctx_len in enumerate(ctx.context_lens):
         start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
-        n = end - start
-        first_pos = ctx_len - n
-        key_start = max(0, first_pos - sliding_window + 1) if sliding_window else 0
-        first_block, last_block = key_start // ctx.block_size, (ctx_len - 1) // ctx.block_size
-        blocks = ctx.block_tables[i, first_block : last_block + 1]
-        offset = key_start - first_block * ctx.block_size
-        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[offset : offset + ctx_len - key_start]
-        values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[offset : offset + ctx_len - key_start]
-
-        qi = q[start:end].float().view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        scores = torch.einsum("hgnd,lhd->hgnl", qi, keys.float()) * scale
-        q_pos = torch.arange(first_pos, ctx_len, device=q.device)[:, None]
-        k_pos = torch.arange(key_start, ctx_len, device=q.device)[None, :]
-        visible = k_pos <= q_pos
-        if sliding_window:
-            visible &= q_pos - k_pos < sliding_window
-        scores = scores.masked_fill(~visible, float("-inf"))
-        combined = torch.cat([scores, sink_logits.expand(-1, -1, n, 1)], dim=-1)
-        probs = torch.softmax(combined - combined.amax(-1, keepdim=True), dim=-1)[..., :-1]
-        oi = torch.einsum("hgnl,lhd->nhgd", probs, values.float())
-        out[start:end] = oi.reshape(n, -1, head_dim).to(q.dtype)
+        first_pos = ctx_len - (end - start)  # the queries are the last end - start positions
+        for t0 in range(start, end, Q_TILE):
+            t1 = min(end, t0 + Q_TILE)
+            q_pos = first_pos + (t0 - start)
+            # (kv_head, group, queries, head_dim), pre-scaled.
+            qt = (q[t0:t1].float() * scale).view(t1 - t0, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+            ot = _attend_tile(qt.contiguous(), q_pos, k_cache, v_cache, ctx.block_tables[i], ctx.block_size,
+                              sink_logits, sliding_window)
+            out[t0:t1] = ot.permute(2, 0, 1, 3).reshape(t1 - t0, -1, head_dim).to(q.dtype)
     return out
+
+
+def _attend_tile(qt: torch.Tensor, q_start: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_table: torch.Tensor, block_size: int, sink_logits: torch.Tensor,
+                 sliding_window: int) -> torch.Tensor:
+    """Attention of one query tile qt (Hkv, G, n, D) at positions [q_start, q_start + n).
+
+    Online softmax: the running max m, running sum l and running output acc start as the sink
+    alone (m = sink, l = exp(sink - m) = 1, acc = 0); each key tile rescales them to its new max.
+    Since m starts finite, a query that sees no key of some tile stays well defined.
+    """
+    n = qt.shape[2]
+    q_end = q_start + n  # exclusive
+    k_start = max(0, q_start - sliding_window + 1) if sliding_window else 0
+    k_end = q_end  # causal: no query of the tile sees past its last position
+    tile_blocks = max(1, min(MAX_K_TILE, SCORE_TILE // n) // block_size)
+    q_pos = torch.arange(q_start, q_end, device=qt.device)[:, None]
+
+    m, l, acc = sink_logits, 1.0, None
+    for b0 in range(k_start // block_size, (k_end - 1) // block_size + 1, tile_blocks):
+        b1 = min(b0 + tile_blocks, (k_end - 1) // block_size + 1)
+        lo, hi = max(k_start, b0 * block_size), min(k_end, b1 * block_size)  # key positions [lo, hi)
+        blocks = block_table[b0:b1]
+        cut = slice(lo - b0 * block_size, hi - b0 * block_size)
+        keys = k_cache[blocks].flatten(0, 1)[cut].float()  # (L, Hkv, D)
+        values = v_cache[blocks].flatten(0, 1)[cut].float()
+
+        s = torch.einsum("hgnd,lhd->hgnl", qt, keys)
+        # Mask only tiles that some query cannot fully see (the diagonal, the window's edge).
+        if hi - 1 > q_start or (sliding_window and q_end - 1 - lo >= sliding_window):
+            k_pos = torch.arange(lo, hi, device=qt.device)[None, :]
+            visible = k_pos <= q_pos
+            if sliding_window:
+                visible &= q_pos - k_pos < sliding_window
+            s.add_(torch.where(visible, 0.0, float("-inf")))  # an additive mask: much faster than masked_fill_
+
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        p = s.sub_(m_new).exp_()  # in place, one score buffer per tile; masked keys: exp(-inf) = 0
+        alpha = torch.exp(m - m_new)  # rescales what was summed under the old max
+        l = l * alpha + p.sum(-1, keepdim=True)
+        pv = torch.einsum("hgnl,lhd->hgnd", p, values)
+        acc = pv if acc is None else acc * alpha + pv
+        m = m_new
+    if acc is None:  # no keys (a context-0 padding row): all mass on the sink, output 0 like the kernels
+        return torch.zeros_like(qt)
+    return acc / l
 
 
 def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
