@@ -34,7 +34,8 @@ def check_text(value: Any, where: str = "") -> None:
 
 
 def _first_bad_string(value: Any, path: str) -> str | None:
-    # Iterative: a body nested to the recursion limit must not overflow here either.
+    # Iterative: a body nested to the recursion limit must not overflow here either. Paths are
+    # built only for containers and the bad string, so a list of 100k token ids costs one pass.
     stack = [(value, path)]
     while stack:
         item, where = stack.pop()
@@ -43,12 +44,14 @@ def _first_bad_string(value: Any, path: str) -> str | None:
                 return where
         elif isinstance(item, dict):
             for key, child in item.items():
-                child_path = f"{where}.{key}" if where else str(key)
                 if isinstance(key, str) and not _is_valid_text(key):
                     return where or "a key"
-                stack.append((child, child_path))
+                if isinstance(child, (str, dict, list)):
+                    stack.append((child, f"{where}.{key}" if where else str(key)))
         elif isinstance(item, list):
-            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+            for i, child in enumerate(item):
+                if isinstance(child, (str, dict, list)):
+                    stack.append((child, f"{where}[{i}]"))
     return None
 
 

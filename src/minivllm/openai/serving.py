@@ -16,6 +16,7 @@ cancels a background one, and ``method="DELETE"`` on ``/v1/responses/{id}`` dele
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -103,8 +104,8 @@ class OpenAIServing:
         request_type, handler = self._routes[path]
         if not isinstance(body, dict) or not body:
             raise bad_request(f"{path[1:]} needs a JSON object as the request body.")
-        try:
-            request = request_type.model_validate(body)
+        try:  # in a thread: validating a 100k-token prompt takes long enough to stall the event loop
+            request = await asyncio.to_thread(request_type.model_validate, body)
         except ValidationError as e:
             raise OpenAIError.from_validation_error(e) from None
         if request.model_extra:
