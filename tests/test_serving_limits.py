@@ -118,3 +118,21 @@ def test_job_input_size_limit(limited):
     assert "MAX_PROMPT_BYTES" in out["error"]
     out, = run_job(limited[1], {"prompt": "hi", "sampling_params": {"n": 2, "max_tokens": 2}})
     assert "error" not in out  # at the limits is fine
+
+
+def test_request_body_size_limit_over_http(limited):
+    serving, _ = limited
+    with serve_in_thread(create_app(serving.engine, serving)) as url:
+        big = {"prompt": "word " * 1000, "max_tokens": 2}
+        r = httpx.post(url + "/v1/completions", json=big)
+        assert r.status_code == 413 and "MAX_PROMPT_BYTES" in r.json()["error"]["message"]
+        assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_api_key_as_bearer_or_x_api_key(engine):
+    serving = OpenAIServing(engine, "tiny", max_model_len=engine.engine.max_model_len)
+    with serve_in_thread(create_app(engine, serving, api_key="s3cret")) as url:
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(url + "/v1/models", headers={"x-api-key": "s3cret"}).status_code == 200
+        assert httpx.get(url + "/v1/models", headers={"x-api-key": "wrong"}).status_code == 401

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import re
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           500: "server_error", 503: "server_error"}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The error body, as a model for the OpenAPI schema (every key is always present)."""
+
+    error: ErrorInfo
 
 
 class OpenAIError(Exception):

@@ -24,7 +24,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from minivllm.engine.async_engine import AsyncEngine
-from minivllm.anthropic.errors import AnthropicError
 from minivllm.limits import RequestLimits
 from minivllm.openai.errors import OpenAIError, bad_request, not_found
 from minivllm.openai.protocol import (
@@ -86,7 +85,11 @@ class OpenAIServing:
             if allowed and method.upper() not in allowed:
                 error = OpenAIError(f"{method.upper()} is not allowed on {route}: use {' or '.join(sorted(allowed))}.",
                                     405, code="method_not_allowed")
-                raise AnthropicError.of(error) if path.startswith("/messages") else error
+                if path.startswith("/messages"):
+                    from minivllm.anthropic.errors import AnthropicError  # (a cycle at import time)
+
+                    error = AnthropicError.of(error)
+                raise error
         if path.startswith("/responses/"):
             return await self.responses.handle(path[len("/responses/"):], body, method and method.upper())
         if path in ("/messages", "/messages/count_tokens"):

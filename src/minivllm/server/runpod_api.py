@@ -16,13 +16,15 @@ import asyncio
 import json
 import logging
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from minivllm.input_checks import parse_json
 
@@ -62,6 +64,45 @@ class _Job:
         if self.error is not None:
             body["error"] = self.error
         return body
+
+
+# The bodies, for the OpenAPI schema (the routes build plain dicts).
+class JobRequest(BaseModel):
+    input: Any = Field(description="The job input the handler gets (any JSON).")
+    webhook: str | None = Field(None, description="A URL that gets the final status as a POST.")
+
+
+class JobState(BaseModel):
+    id: str
+    status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"]
+
+
+class JobStatus(JobState):
+    delayTime: int | None = Field(None, description="ms in the queue, once started")
+    executionTime: int | None = Field(None, description="ms running, once ended")
+    output: list | None = Field(None, description="everything the handler yielded, once COMPLETED")
+    error: str | None = None
+
+
+class StreamOutput(BaseModel):
+    output: Any
+
+
+class JobStream(JobState):
+    stream: list[StreamOutput]
+    error: str | None = None
+
+
+class RunPodError(BaseModel):
+    error: str
+
+
+_JOB_BODY = {"requestBody": {"required": True,
+                             "content": {"application/json": {"schema": JobRequest.model_json_schema()}}}}
+_SUBMIT_ERRORS = {400: {"model": RunPodError, "description": "Not a JSON object with an `input`, or a bad `wait`."},
+                  503: {"model": RunPodError, "description": "The worker is shutting down."}}
+_NOT_FOUND = {404: {"model": RunPodError, "description": "No such job (or its result expired)."}}
+_BAD_WAIT = {400: {"model": RunPodError, "description": "`wait` is not an integer."}}
 
 
 SHUTDOWN_MESSAGE = "the worker shut down before this job finished"
@@ -163,13 +204,15 @@ def build_runpod_router(jobs: RunPodJobs) -> APIRouter:
         webhook = body.get("webhook")
         if webhook is not None and not isinstance(webhook, str):
             return _error(400, "webhook must be a URL string")
+        if webhook and not _is_http_url(webhook):
+            return _error(400, f"webhook must be an http:// or https:// URL, got {webhook!r:.200}")
         return body["input"], webhook
 
     def find(job_id: str) -> _Job | JSONResponse:
         job = jobs.jobs.get(job_id)
         return job if job is not None else _error(404, f"job {job_id} not found")
 
-    @router.post("/run")
+    @router.post("/run", openapi_extra=_JOB_BODY, responses=_SUBMIT_ERRORS | {200: {"model": JobState}})
     async def run(request: Request):
         parsed = await read_request(request)
         if isinstance(parsed, JSONResponse):
@@ -177,7 +220,7 @@ def build_runpod_router(jobs: RunPodJobs) -> APIRouter:
         job = jobs.submit(*parsed, sync=False)
         return {"id": job.id, "status": IN_QUEUE}
 
-    @router.post("/runsync")
+    @router.post("/runsync", openapi_extra=_JOB_BODY, responses=_SUBMIT_ERRORS | {200: {"model": JobStatus}})
     async def runsync(request: Request, wait: int = 90_000):
         parsed = await read_request(request)
         if isinstance(parsed, JSONResponse):
@@ -207,7 +250,7 @@ def build_runpod_router(jobs: RunPodJobs) -> APIRouter:
         job = find(job_id)
         return job if isinstance(job, JSONResponse) else job.status_body()
 
-    @router.post("/cancel/{job_id}")
+    @router.post("/cancel/{job_id}", responses=_NOT_FOUND | {200: {"model": JobState}})
     async def cancel(job_id: str):
         job = find(job_id)
         if isinstance(job, JSONResponse):
@@ -217,8 +260,11 @@ def build_runpod_router(jobs: RunPodJobs) -> APIRouter:
             await asyncio.wait({job.task})  # the handler has aborted its engine request
         return {"id": job.id, "status": job.status}
 
-    router.add_api_route("/stream/{job_id}", stream, methods=["GET", "POST"])
-    router.add_api_route("/status/{job_id}", status, methods=["GET", "POST"])
+    for method in ("GET", "POST"):  # one route each: distinct OpenAPI operation ids
+        router.add_api_route("/stream/{job_id}", stream, methods=[method],
+                             responses=_NOT_FOUND | _BAD_WAIT | {200: {"model": JobStream}})
+        router.add_api_route("/status/{job_id}", status, methods=[method],
+                             responses=_NOT_FOUND | {200: {"model": JobStatus}})
     return router
 
 
@@ -230,10 +276,18 @@ def _error(status_code: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status_code)
 
 
-def _post_webhook(url: str, body: dict) -> None:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+def _is_http_url(url: str) -> bool:
     try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. "http://[::1"
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _post_webhook(url: str, body: dict) -> None:
+    try:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
         urllib.request.urlopen(request, timeout=10).close()
     except Exception as e:
         logger.warning("webhook %s failed: %s", url, e)
