@@ -96,7 +96,7 @@ def main() -> None:
     except Exception as e:
         fail(f"cannot set up the OpenAI routes: {e}")
     log.info("model %s ready in %.1f s", config.served_model_id, time.perf_counter() - start)
-    handler = make_handler(engine, serving, config)
+    handler = make_handler(engine, serving, config, _batch_service(config, serving, log))
 
     if test_job is not None:
         ok = asyncio.run(run_test_job(handler, test_job))
@@ -111,6 +111,23 @@ def main() -> None:
         "concurrency_modifier": make_concurrency_modifier(config),
         "return_aggregate_stream": True,
     })
+
+
+def _batch_service(config, serving, log):
+    """The Batch API for jobs, when its store outlives the worker: BATCH_STORE, or SQLite on the
+    network volume (BASE_PATH, default /runpod-volume). None otherwise: a batch kept on a worker's
+    own disk would vanish with it."""
+    volume = config.base_path or "/runpod-volume"
+    if config.batch_store is None and not os.path.isdir(volume):
+        return None
+    from minivllm.batches.service import BatchService
+
+    try:
+        return BatchService.create(serving.dispatch, store_url=config.batch_store,
+                                   data_dir=os.path.join(volume, "minivllm", "batches"))
+    except Exception as e:  # a bad URL, an unreachable database: the rest of the worker still serves
+        log.error("Batch API off: its store cannot be opened: %s", e)
+        return None
 
 
 def _load(engine_class, config, out: list) -> None:

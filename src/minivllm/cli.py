@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-drain-s", type=float, default=os.environ.get("SHUTDOWN_DRAIN_S", "30"),
                        help="on SIGTERM, seconds running requests and RunPod jobs get to finish before "
                             "they are aborted / failed (default: $SHUTDOWN_DRAIN_S or 30)")
+    serve.add_argument("--data-dir", default=os.environ.get("MINIVLLM_DATA_DIR"),
+                       help="Batch API files and SQLite store (default: $MINIVLLM_DATA_DIR, else "
+                            "<MINIVLLM_CACHE or ~/.cache/minivllm>/batches)")
+    serve.add_argument("--batch-store", default=os.environ.get("BATCH_STORE"),
+                       help="Batch API store URL: postgresql://user:pw@host/db lets several replicas share "
+                            "batches (default: $BATCH_STORE, else SQLite in --data-dir)")
+    serve.add_argument("--batch-max-in-flight", type=int, default=16, help="batch lines in the engine at once")
     serve.add_argument("--max-waiting-requests", type=int, default=os.environ.get("MAX_WAITING_REQUESTS"),
                        help="answer new OpenAI requests 503 + Retry-After while this many are queued "
                             "(default: $MAX_WAITING_REQUESTS, else unlimited)")
@@ -99,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
     add_engine_args(gen)
     gen.set_defaults(func=generate_command, parser=gen)
+
+    from minivllm.batches.cli import add_batch_parser
+
+    add_batch_parser(sub)
 
     tiny = sub.add_parser("write-tiny", help="write the tiny random GPT-OSS checkpoint to PATH")
     tiny.add_argument("path", metavar="PATH")
@@ -133,6 +144,7 @@ def with_config_and_env(parser: argparse.ArgumentParser, args: argparse.Namespac
 def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from minivllm.batches.service import BatchService
     from minivllm.engine.async_engine import AsyncEngine
     from minivllm.limits import RequestLimits
     from minivllm.openai.serving import OpenAIServing
@@ -151,10 +163,16 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                                 chat_template=args.chat_template, limits=limits)
     except (ValueError, OSError, RuntimeError) as e:  # bad model, checkpoint or template: one clear line
         sys.exit(f"minivllm serve: {e}")
+    try:
+        batches = BatchService.create(serving.dispatch, store_url=args.batch_store, data_dir=args.data_dir,
+                                      max_in_flight=args.batch_max_in_flight, engine_streams=lambda: engine.num_streams)
+    except Exception as e:  # a bad URL, an unreachable database
+        sys.exit(f"minivllm serve: batch store: {e}")
     handler = worker[0](engine, serving, worker[1]) if worker else None
     app = create_app(engine, serving, api_key=args.api_key, runpod_handler=handler,
                      runpod_max_concurrency=worker[1].max_concurrency if worker else None,
-                     shutdown_drain_s=args.shutdown_drain_s, max_waiting_requests=args.max_waiting_requests)
+                     shutdown_drain_s=args.shutdown_drain_s, max_waiting_requests=args.max_waiting_requests,
+                     batches=batches)
     # uvicorn's own limit comes a little after ours: by then every stream was told it was aborted.
     server = draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                             timeout_graceful_shutdown=args.shutdown_drain_s + 5))

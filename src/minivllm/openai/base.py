@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -15,6 +16,11 @@ from minivllm.openai.errors import OpenAIError, bad_request, not_found
 from minivllm.openai.protocol import SamplingRequest
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+# The scheduler priority of requests made in this context (lower runs first): the batch runner
+# sets it in each line's task, so batch lines yield to real-time requests.
+request_priority: contextvars.ContextVar[int] = contextvars.ContextVar("minivllm_request_priority", default=0)
 
 
 def random_id(prefix: str) -> str:
@@ -127,7 +133,7 @@ class ServingBase:
         tracker = self.request_observer(len(prompt_ids)) if self.request_observer else None
         try:
             stream = self.engine.generate({"prompt_token_ids": prompt_ids, "prompt": prompt_text}, params,
-                                          request_id)
+                                          request_id, priority=request_priority.get())
             async with aclosing(stream):
                 async for out in stream:
                     if tracker is not None:

@@ -124,10 +124,12 @@ class ServerState:
 
 def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | None = None,
                runpod_handler=None, runpod_max_concurrency: int | None = None,
-               shutdown_drain_s: float = 30.0, max_waiting_requests: int | None = None) -> FastAPI:
+               shutdown_drain_s: float = 30.0, max_waiting_requests: int | None = None,
+               batches=None) -> FastAPI:
     """max_waiting_requests: past this many queued requests (submitted, no output yet), new OpenAI
     requests get 503 + Retry-After so a load balancer or autoscaler can react; RunPod jobs are never
-    refused (the platform queues them). None: no limit, as in vLLM."""
+    refused (the platform queues them). None: no limit, as in vLLM.
+    batches: a BatchService (the Files and Batches API and its runner), or None."""
     jobs = RunPodJobs(runpod_handler, runpod_max_concurrency) if runpod_handler is not None else None
     state = ServerState(engine, shutdown_drain_s, jobs)
     metrics = ServerMetrics(engine, serving.served_model_name)
@@ -137,12 +139,16 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
     async def lifespan(app: FastAPI):
         state.loop = asyncio.get_running_loop()
         warm_up = asyncio.create_task(state.warm_up())
+        if batches is not None:
+            await batches.start()
         yield
         warm_up.cancel()
+        if batches is not None:  # first: its running lines are handed back (to a replica, or the next start)
+            await batches.stop()
         await state.drained()  # RunPod jobs are background tasks: uvicorn itself never waits for them
 
     app = FastAPI(title="mini-vLLM", lifespan=lifespan)
-    app.state.server, app.state.metrics, app.state.serving = state, metrics, serving
+    app.state.server, app.state.metrics, app.state.serving, app.state.batches = state, metrics, serving, batches
 
     @app.get("/health", tags=["Server"], response_class=Response,
              responses={200: {"description": "The engine is running (empty body)."},
@@ -270,6 +276,10 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
 
     for prefix in ("/v1", "/openai/v1"):
         app.include_router(api, prefix=prefix)
+        if batches is not None:
+            from minivllm.batches.routes import build_batch_router
+
+            app.include_router(build_batch_router(batches), prefix=prefix)
     for prefix in ("/v1", "/openai/v1"):  # after the routes above: what none of them takes
         app.add_api_route(prefix + "/{path:whole_path}", _bind(openai_route, prefix), methods=["GET", "POST", "DELETE"],
                           include_in_schema=False)

@@ -70,6 +70,9 @@ class WorkerConfig(EngineArgs, RequestLimits):
         1, ge=1, description="Accepted for worker-vllm compatibility; the engine uses one GPU.")
     base_path: str | None = Field(
         None, description="Storage root (worker-vllm); downloads go to BASE_PATH/huggingface-cache/hub.")
+    batch_store: str | None = Field(
+        None, description="Batch API store (postgresql://...; default: SQLite on the network volume at BASE_PATH, "
+                          "when one is mounted): jobs then reach /v1/files and /v1/batches.")
     request_timeout: float = Field(3600.0, gt=0, description="Seconds one job may run before it fails (worker-vllm's).")
     vllm_startup_timeout: float = Field(
         1200.0, gt=0, description="Seconds the model may take to load before the worker exits with an error.")

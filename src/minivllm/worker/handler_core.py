@@ -23,16 +23,17 @@ from minivllm.worker.openai_engine import OpenAIEngine
 logger = logging.getLogger(__name__)
 
 
-def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = None
+def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = None, batches=None
                  ) -> Callable[[dict], AsyncIterator[Any]]:
-    """``handler(job)``: an async generator of output batches for ``{"id", "input"}``.
+    """``handler(job)``: an async generator of output batches for ``{"id", "input"}``;
+    ``batches`` (a BatchService) answers /v1/files and /v1/batches jobs.
 
     Never raises for a bad job: it yields ``{"error": ...}`` (RunPod then fails the job). When its
     task is cancelled, the engine request is aborted before the CancelledError propagates.
     """
     config = config or WorkerConfig()
     native = NativeEngine(engine, config)
-    openai = OpenAIEngine(serving, config)
+    openai = OpenAIEngine(serving, config, batches)
 
     async def handler(job: dict) -> AsyncIterator[Any]:
         raw = job.get("input") if isinstance(job, dict) else None

@@ -28,10 +28,12 @@ _DONE = object()  # end-of-stream marker: becomes "data: [DONE]"
 
 
 class OpenAIEngine:
-    def __init__(self, serving, config: WorkerConfig):
-        """``serving``: an OpenAIServing (``async dispatch(route, body) -> dict | AsyncIterator``)."""
+    def __init__(self, serving, config: WorkerConfig, batches=None):
+        """``serving``: an OpenAIServing (``async dispatch(route, body) -> dict | AsyncIterator``);
+        ``batches``: a BatchService for /v1/files and /v1/batches jobs, or None."""
         self.serving = serving
         self.config = config
+        self.batches = batches
 
     async def generate(self, job: JobInput) -> AsyncIterator[Any]:
         if self.serving is None:
@@ -41,6 +43,13 @@ class OpenAIEngine:
             route, body, method, raw_sse = job.route, job.body, job.route_method, True
         else:
             route, body, method, raw_sse = job.openai_route, job.openai_input, None, self.config.raw_openai_output
+        if self.batches is not None and self.batches.handles(route):
+            try:
+                await self.batches.ensure_started()  # the runner lives on the worker's event loop
+                yield await self.batches.dispatch(route, body, method)
+            except OpenAIError as e:
+                yield openai_error(e.to_dict())
+            return
         try:
             result = await self.serving.dispatch(route, body, method)
             if isinstance(result, dict):
