@@ -420,3 +420,25 @@ def test_batch_past_its_window_expires(server, client):
     assert len(errors) == counts.failed and {e["error"]["code"] for e in errors} == {"batch_expired"}
     done = {line["custom_id"] for line in lines_of(client, batch.output_file_id)}
     assert done.isdisjoint(e["custom_id"] for e in errors) and len(done) == counts.completed
+
+
+def test_worker_handler_routes_batch_jobs(server, engine):
+    """The RunPod handler: openai_route / route jobs on /v1/files and /v1/batches reach the service."""
+    from minivllm.worker import WorkerConfig, make_handler
+
+    _, service, serving = server
+    handler = make_handler(engine, serving, WorkerConfig(), service)
+
+    async def job(job_input: dict) -> list:
+        return [out async for out in handler({"id": "batch-job", "input": job_input})]
+
+    data = jsonl([chat_line("w-1")])
+    made, = asyncio.run(job({"openai_route": "/v1/files", "openai_input": {
+        "file": base64.b64encode(data).decode(), "filename": "w.jsonl", "purpose": "batch"}}))
+    assert made["object"] == "file"
+    listed, = asyncio.run(job({"route": "/v1/files", "body": {"purpose": "batch"}, "method": "GET"}))
+    assert made["id"] in [f["id"] for f in listed["data"]]
+    deleted, = asyncio.run(job({"route": f"/v1/files/{made['id']}", "method": "DELETE"}))
+    assert deleted["deleted"]
+    missing, = asyncio.run(job({"openai_route": "/v1/batches/batch_nope"}))
+    assert "error" in missing
