@@ -288,3 +288,15 @@ def test_cancelling_an_openai_stream_frees_its_kv_blocks(engine, serving):
         assert not engine.engine.has_unfinished_requests()
 
     asyncio.run(main())
+
+
+def test_route_jobs_reach_the_anthropic_messages_api(engine, serving):
+    handler = handler_for(engine, serving, stream_flush_ms=0)
+    body = {"model": "tiny-gpt-oss", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]}
+    message, = run(handler, {"route": "/v1/messages", "body": body})
+    assert message["type"] == "message" and message["usage"]["output_tokens"] <= 3
+    outs = run(handler, {"route": "/v1/messages", "body": {**body, "stream": True}})
+    text = "".join(outs)
+    assert text.startswith("event: message_start\n") and "event: message_stop\n" in text
+    failed, = run(handler, {"route": "/v1/messages", "body": {"messages": []}})
+    assert json.loads(str(failed["error"]))["type"] == "invalid_request_error"  # Anthropic's error shape
