@@ -41,7 +41,7 @@ class ScriptedEngine:
         self.aborted: list[str] = []
         self.fail_after: int | None = None
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, priority=0):
         ids = prompt["prompt_token_ids"]
         self.prompts.append(ids)
         scripts = [self.scripts[i % len(self.scripts)] for i in range(params.n)]

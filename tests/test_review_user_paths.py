@@ -35,7 +35,7 @@ class EngineRulesEngine(ScriptedEngine):
     with stop_reason None unless it is also in stop_token_ids (then the token id); a stop string
     stops with the string as stop_reason and the text cut before it (after, if kept)."""
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, priority=0):
         ids = prompt["prompt_token_ids"]
         self.prompts.append(ids)
         scripts = [self.scripts[i % len(self.scripts)] for i in range(params.n)]
