@@ -49,7 +49,8 @@ def test_worker_vllm_gpt_oss_config_loads(tmp_path, gpt_oss_yaml, caplog):
     assert (config.model, config.max_model_len, config.gpu_memory_utilization) == ("openai/gpt-oss-120b", 8192, 0.95)
     assert config.enable_prefix_caching and not config.enforce_eager
     notes = caplog.text
-    assert "ignoring speculative-config (speculative decoding is not built yet" in notes
+    assert "ignoring speculative-config: method 'eagle3' (an EAGLE draft model) is not built yet" in notes
+    assert config.speculative_config is None
     assert "ignoring trust-remote-code" in notes
 
 
@@ -100,6 +101,11 @@ def _sample(annotation, default):
 @pytest.mark.parametrize("field", sorted(EngineArgs.model_fields))
 def test_every_engine_flag_is_an_env_var(tmp_path, field):
     info = EngineArgs.model_fields[field]
+    if field == "speculative_config":  # JSON text, normalized by the schema
+        config = load(tmp_path, SPECULATIVE_CONFIG='{"method": "ngram", "num_speculative_tokens": 2}')
+        assert config.speculative_config["method"] == "ngram"
+        assert config.speculative_config["num_speculative_tokens"] == 2
+        return
     text, value = _sample(info.annotation, info.default)
     config = load(tmp_path, **{env_names(field)[0]: text})
     assert getattr(config, field) == value

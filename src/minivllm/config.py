@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:  # torch loads lazily: the worker parses its config before the ~2 s torch import
     import torch
@@ -39,6 +39,17 @@ class EngineArgs(BaseModel):
     seed: int = Field(0, description="Seed of the engine's global random generator.")
     ops_backend: Literal["auto", "reference", "kernels"] = Field(
         "auto", description="auto: compiled kernels where available; reference: pure torch; kernels: kernels or fail.")
+    # str first: the CLI flag and the env var give JSON text; a dict comes from Python or a config file.
+    speculative_config: str | dict | None = Field(
+        None, description='Speculative decoding, vLLM\'s keys as JSON, e.g. {"method": "ngram", '
+        '"num_speculative_tokens": 3, "prompt_lookup_max": 4}; off when unset.')
+
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _check_speculative_config(cls, value):
+        from minivllm.engine.spec_decode.config import parse_speculative_config
+
+        return parse_speculative_config(value)
 
     def resolved_device(self) -> "torch.device":
         import torch

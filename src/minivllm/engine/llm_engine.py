@@ -14,6 +14,8 @@ from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.sampler import Sampler, SampleResult
 from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Request, Sequence
+from minivllm.engine.spec_decode.ngram import NgramProposer
+from minivllm.engine.spec_decode.rejection_sampler import verify
 from minivllm.model.loader import resolve_model_path
 from minivllm.outputs import CompletionOutput, Logprob, RequestOutput
 from minivllm.sampling_params import RequestOutputKind, SamplingParams
@@ -43,7 +45,14 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} needs {self.block_manager.blocks_needed(self.max_model_len)} "
                 f"KV blocks but the cache has {self.block_manager.num_blocks}: lower max_model_len or give the "
                 "KV cache more memory")
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        spec = args.speculative_config
+        proposer = None if spec is None else NgramProposer(
+            spec["num_speculative_tokens"], spec["prompt_lookup_min"], spec["prompt_lookup_max"])
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, proposer,
+                                   self.max_model_len, spec["disable_by_batch_size"] if spec else 0)
+        # Speculative decoding counters (vLLM's spec_decode metrics): verified drafts, drafted tokens,
+        # accepted tokens.
+        self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
         self.sampler = Sampler(sorted(self.eos_token_ids), torch.Generator(self.runner.device).manual_seed(args.seed))
         self.requests: dict[str, Request] = {}
         self.failed: list[tuple[str, Exception]] = []
@@ -133,13 +142,18 @@ class LLMEngine:
             if len(groups) == 1:
                 raise
             work = self._execute_isolated(groups)
+        # Drafts this step: each sampled sequence gets 1 + len(its drafts) rows and keeps a run of tokens.
+        multi = bool(self.scheduler.drafted)
         try:
-            result = self.sampler(work.logits, work.seqs)
+            result = self._sample(work.logits, work.seqs, multi)
         except Exception:
-            work, result = self._sample_isolated(work)
+            work, result = self._sample_isolated(work, multi)
         if work.prompt_targets:
             self._record_prompt_logprobs(work.prompt_hidden, work.prompt_targets)
-        return self._postprocess(work.seqs, result)
+        return self._postprocess(work.seqs, result, multi)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], multi: bool) -> SampleResult:
+        return verify(self.sampler, logits, seqs) if multi else self.sampler(logits, seqs)
 
     def _execute(self, batch: list[tuple[Sequence, int]]) -> "StepWork":
         """The model forward of a batch; sequences' computed-token counts move on only on success."""
@@ -152,7 +166,8 @@ class LLMEngine:
             raise
         to_sample = []
         for seq, num_new in batch:
-            seq.num_computed_tokens += num_new
+            # Drafts' K/V counts only once they are accepted (in _postprocess).
+            seq.num_computed_tokens += num_new - len(seq.spec_token_ids)
             if seq.num_computed_tokens == len(seq.token_ids):
                 to_sample.append(seq)
         return StepWork(to_sample, logits, prompt_hidden, prompt_targets)
@@ -172,13 +187,13 @@ class LLMEngine:
                         torch.cat(prompt_hidden) if prompt_hidden else None,
                         [t for p in parts for t in p.prompt_targets])
 
-    def _sample_isolated(self, work: "StepWork") -> tuple["StepWork", SampleResult]:
+    def _sample_isolated(self, work: "StepWork", multi: bool) -> tuple["StepWork", SampleResult]:
         """Sampling failed: sample each request's rows alone and fail the requests that fail."""
         kept, token_ids, logprobs = [], [], []
-        for rows in _rows_by_request(work.seqs):
-            seqs = [work.seqs[r] for r in rows]
+        for indices, rows in _rows_by_request(work.seqs):
+            seqs = [work.seqs[i] for i in indices]
             try:
-                result = self.sampler(work.logits[rows], seqs)
+                result = self._sample(work.logits[rows], seqs, multi)
             except Exception as error:
                 self._fail_request(seqs[0].request, error)
                 continue
@@ -231,7 +246,8 @@ class LLMEngine:
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
-    def _postprocess(self, seqs: list[Sequence], result: SampleResult) -> list[RequestOutput]:
+    def _postprocess(self, seqs: list[Sequence], result: SampleResult, multi: bool = False) -> list[RequestOutput]:
+        """multi: each sequence has a run of tokens (accepted drafts + one) instead of one token."""
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs):
@@ -239,12 +255,15 @@ class LLMEngine:
             if seq.is_finished:  # its request failed earlier in this step
                 continue
             try:
-                seq.token_ids.append(token)
                 if request.first_token_time is None:
                     request.first_token_time = now
-                if lp is not None:
-                    self._record_logprobs(seq, token, lp)
-                self._append_text_and_check_stop(seq, token)
+                if multi:
+                    self._append_run(seq, token, lp)
+                else:
+                    seq.token_ids.append(token)
+                    if lp is not None:
+                        self._record_logprobs(seq, token, lp)
+                    self._append_text_and_check_stop(seq, token)
             except Exception as error:  # e.g. a detokenizer error: this request's alone
                 touched.pop(request.request_id, None)
                 self._fail_request(request, error)
@@ -261,6 +280,22 @@ class LLMEngine:
                 continue
             outputs.append(self._make_output(request, finished))
         return outputs
+
+    def _append_run(self, seq: Sequence, tokens: list[int], logprobs: list) -> None:
+        """Append a verified run token by token; a stop inside the run drops the tokens after it."""
+        if seq.spec_token_ids:
+            self.spec_num_drafts += 1
+            self.spec_num_draft_tokens += len(seq.spec_token_ids)
+            self.spec_num_accepted_tokens += len(tokens) - 1
+        for token, lp in zip(tokens, logprobs):
+            seq.token_ids.append(token)
+            if lp is not None:
+                self._record_logprobs(seq, token, lp)
+            self._append_text_and_check_stop(seq, token)
+            if seq.finish_reason is not None:
+                break
+        # Accepted drafts were written to the cache by this step; the last token never is.
+        seq.num_computed_tokens = len(seq.token_ids) - 1
 
     def _record_logprobs(self, seq: Sequence, token: int, lp) -> None:
         sampled, rank, top_ids, top_values = lp
@@ -346,6 +381,12 @@ class LLMEngine:
             "num_waiting": len(self.scheduler.waiting),
             "kv_cache_usage": self.block_manager.usage(),
             "num_preemptions": self.scheduler.num_preemptions,
+            "spec_decode_num_drafts": self.spec_num_drafts,
+            "spec_decode_num_draft_tokens": self.spec_num_draft_tokens,
+            "spec_decode_num_accepted_tokens": self.spec_num_accepted_tokens,
+            # vLLM's mean acceptance length: tokens a verified draft yields (accepted + the bonus one).
+            "spec_decode_mean_acceptance_length": (1 + self.spec_num_accepted_tokens / self.spec_num_drafts
+                                                   if self.spec_num_drafts else 0.0),
         }
 
 
@@ -375,8 +416,13 @@ def _by_request(batch: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, 
     return list(groups.values())
 
 
-def _rows_by_request(seqs: list[Sequence]) -> list[list[int]]:
-    rows: dict[str, list[int]] = {}
+def _rows_by_request(seqs: list[Sequence]) -> list[tuple[list[int], list[int]]]:
+    """Per request: (indices of its sequences, its logits rows: 1 + number of drafts per sequence)."""
+    groups: dict[str, tuple[list[int], list[int]]] = {}
+    row = 0
     for i, seq in enumerate(seqs):
-        rows.setdefault(seq.request.request_id, []).append(i)
-    return list(rows.values())
+        indices, rows = groups.setdefault(seq.request.request_id, ([], []))
+        indices.append(i)
+        rows.extend(range(row, row + 1 + len(seq.spec_token_ids)))
+        row = rows[-1] + 1
+    return list(groups.values())

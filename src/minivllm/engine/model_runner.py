@@ -94,6 +94,11 @@ class ModelRunner:
                 input_ids.extend(seq.token_ids[start:end])
                 positions.extend(range(start, end))
                 slots.extend([table[pos // bs] * bs + pos % bs for pos in range(start, end)])
+                if seq.spec_token_ids:
+                    # A decode with drafts runs like a prefill chunk (its last token, then the
+                    # drafts), and every row is sampled: row j verifies draft j.
+                    input_ids.extend(seq.spec_token_ids)
+                    sample_rows.extend(range(total, total + num_new))
             total += num_new
             query_start_loc.append(total)
             context_lens.append(end)

@@ -30,7 +30,7 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         logits = logits.float()
-        if _all_plain_greedy(seqs):
+        if all_plain_greedy(seqs):
             # The common batch: nothing to adjust or report, so one argmax and one copy to the host.
             return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
@@ -72,6 +72,15 @@ class Sampler:
             row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        probs = self._probs(logits, seqs)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None:
+                noise[row] = seeded_noise(seq.generator, noise.shape[1], noise.device)
+        return (probs / noise).argmax(dim=-1)
+
+    def _probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The distribution each row is drawn from: temperature, top-k, top-p, min-p applied."""
         temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device).unsqueeze(1)
         logits = logits / temps
         top_k = [s.params.top_k for s in seqs]
@@ -83,18 +92,7 @@ class Sampler:
         if any(min_p):
             mp = torch.tensor(min_p, device=probs.device).unsqueeze(1)
             probs = probs.masked_fill(probs < mp * probs.amax(dim=-1, keepdim=True), 0.0)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, seq in enumerate(seqs):
-            if seq.generator is None:
-                continue
-            # Seeded: its own stream, independent of the batch. Sequence generators are CPU ones
-            # (made off the engine thread, where the device is unknown), and a CPU generator cannot
-            # fill a CUDA tensor: draw on the CPU and copy (also gives the same draws on any device).
-            if seq.generator.device == noise.device:
-                noise[row].exponential_(generator=seq.generator)
-            else:
-                noise[row] = torch.empty(noise.shape[1]).exponential_(generator=seq.generator).to(noise.device)
-        return (probs / noise).argmax(dim=-1)
+        return probs
 
     def _logprobs(self, raw: torch.Tensor | None, tokens: list[int], seqs: list[Sequence]):
         if raw is None:
@@ -113,7 +111,18 @@ class Sampler:
         return out
 
 
-def _all_plain_greedy(seqs: list[Sequence]) -> bool:
+def seeded_noise(generator: torch.Generator, vocab: int, device: torch.device) -> torch.Tensor:
+    """One row of Exp(1) noise from a seeded sequence's own stream, independent of the batch.
+
+    Sequence generators are CPU ones (made off the engine thread, where the device is unknown), and
+    a CPU generator cannot fill a CUDA tensor: draw on the CPU and copy (also gives the same draws on
+    any device)."""
+    if generator.device == device:
+        return torch.empty(vocab, device=device).exponential_(generator=generator)
+    return torch.empty(vocab).exponential_(generator=generator).to(device)
+
+
+def all_plain_greedy(seqs: list[Sequence]) -> bool:
     """Every row greedy, with no logits adjustment and no logprobs: the argmax is the whole answer.
 
     The same tests as SamplingParams.greedy and .adjusts_logits, spelled out: this runs for every

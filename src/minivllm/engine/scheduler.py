@@ -4,6 +4,12 @@ Running sequences go first, in admission order; then waiting ones (lowest priori
 oldest) while the budget, `max_num_seqs` and free KV blocks allow. When a running sequence needs a
 block and none is free, the least important running sequence is preempted: its blocks are freed
 and it is recomputed later (its tokens are kept, so the prefix cache often makes that cheap).
+
+Speculative decoding (n-gram): once the real work is placed, decodes get draft tokens from the
+token budget that is left, so drafts never displace a prefill chunk, a decode or an admission,
+and never cause a preemption (a draft that needs a block none is free for is dropped). It is off
+for a step with more than `disable_by_batch_size` running sequences (a big batch keeps the device
+busy already), and in a step that preempted (the KV cache is short).
 """
 
 from __future__ import annotations
@@ -12,13 +18,20 @@ import bisect
 
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.engine.spec_decode.ngram import NgramProposer
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 proposer: NgramProposer | None = None, max_model_len: int | None = None,
+                 disable_by_batch_size: int = 0):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.proposer = proposer
+        self.max_model_len = max_model_len
+        self.disable_by_batch_size = disable_by_batch_size
+        self.drafted: list[Sequence] = []  # sequences given drafts by the last schedule()
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -41,6 +54,10 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Pick this step's work: (sequence, number of its tokens to run through the model)."""
+        if self.drafted:
+            for seq in self.drafted:
+                seq.spec_token_ids = []
+            self.drafted = []
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
@@ -79,7 +96,33 @@ class Scheduler:
             bisect.insort(self.running, seq)
             self._schedule(seq, num_new, scheduled)
             budget -= num_new
+        if (self.proposer is not None and budget > 0 and not preempted
+                and len(self.running) <= self.disable_by_batch_size):
+            self._add_drafts(scheduled, budget)
         return scheduled
+
+    def _add_drafts(self, scheduled: list[tuple[Sequence, int]], budget: int) -> None:
+        """Give decodes draft tokens from the leftover budget, in scheduling order."""
+        bm = self.block_manager
+        for i, (seq, num_new) in enumerate(scheduled):
+            if num_new != 1 or seq.num_computed_tokens + 1 != len(seq.token_ids):
+                continue  # a prefill chunk
+            # Room for accepted drafts + the bonus token within max_tokens and max_model_len.
+            room = self.max_model_len - len(seq.token_ids) - 1
+            max_tokens = seq.params.max_tokens
+            if max_tokens is not None:
+                room = min(room, max_tokens - seq.num_output_tokens - 1)
+            if room <= 0:
+                continue
+            draft = self.proposer.propose(seq, min(room, budget))
+            if not draft or not bm.ensure_slots(seq, len(seq.token_ids) + len(draft)):
+                continue
+            seq.spec_token_ids = draft
+            self.drafted.append(seq)
+            scheduled[i] = (seq, 1 + len(draft))
+            budget -= len(draft)
+            if budget == 0:
+                return
 
     def _is_ready_decode(self, seq: Sequence) -> bool:
         """A decode whose token already has a KV slot and fills no block: the common case.

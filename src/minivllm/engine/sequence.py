@@ -35,6 +35,10 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
+        # Speculative decoding: this step's draft tokens (set by the scheduler, never in token_ids until
+        # accepted), and the n-gram proposer's index of this sequence's tokens.
+        self.spec_token_ids: list[int] = []
+        self.ngram_index = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -110,4 +110,13 @@ class _EngineCollector:
         yield queued
         preempt = CounterMetricFamily("minivllm:num_preemptions", "Preempted sequences.", labels=["model_name"])
         preempt.add_metric([self.model_name], float(stats.get("num_preemptions", 0)))
+        # Speculative decoding, vLLM's spec_decode names.
+        for name, doc, key in (("minivllm:spec_decode_num_drafts", "Verified draft runs.", "spec_decode_num_drafts"),
+                               ("minivllm:spec_decode_num_draft_tokens", "Drafted tokens.",
+                                "spec_decode_num_draft_tokens"),
+                               ("minivllm:spec_decode_num_accepted_tokens", "Accepted drafted tokens.",
+                                "spec_decode_num_accepted_tokens")):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(stats.get(key, 0)))
+            yield family
         yield preempt

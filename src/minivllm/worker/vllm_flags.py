@@ -9,6 +9,7 @@ logged note (IGNORED_FLAGS); any other unknown flag is the caller's to reject, n
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 from typing import Any
@@ -25,7 +26,6 @@ FLAG_ALIASES = {
 IGNORED_FLAGS = {
     "trust_remote_code": "GPT-OSS runs no remote code",
     "enable_chunked_prefill": "chunked prefill is always on",
-    "speculative_config": "speculative decoding is not built yet: the model runs without a draft",
     "tool_call_parser": "harmony tool calls are parsed natively",
     "enable_auto_tool_choice": "tool choice is always available",
     "reasoning_parser": "harmony reasoning is parsed natively",
@@ -87,8 +87,23 @@ def _settings(flags: dict[str, Any], source: str) -> dict[str, Any]:
     for flag, value in flags.items():
         name = flag.strip().lstrip("-").replace("-", "_")
         if name in IGNORED_FLAGS:
-            level = logging.WARNING if name == "speculative_config" else logging.INFO
-            logger.log(level, "%s: ignoring %s (%s)", source, flag, IGNORED_FLAGS[name])
+            logger.info("%s: ignoring %s (%s)", source, flag, IGNORED_FLAGS[name])
             continue
         out[name] = value
     return out
+
+
+def without_unbuilt_speculation(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """A deployment's EAGLE draft model (worker-vllm's gpt-oss configs name one) is not built yet:
+    warn once and run without speculation rather than refuse to start. n-gram configs pass."""
+    spec = settings.get("speculative_config")
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            return settings  # the schema reports it
+    if isinstance(spec, dict) and spec.get("method") in ("eagle3", "eagle"):
+        logger.warning("%s: ignoring speculative-config: method %r (an EAGLE draft model) is not built yet, so "
+                       "the model runs without speculation (method 'ngram' is)", source, spec["method"])
+        return {k: v for k, v in settings.items() if k != "speculative_config"}
+    return settings

@@ -1,0 +1,7 @@
+"""Speculative decoding: n-gram prompt lookup drafts, verified by one target forward.
+
+config.py parses the `speculative_config` engine arg, ngram.py proposes drafts from a sequence's
+own tokens, rejection_sampler.py turns the k + 1 verified logits rows of a sequence into the
+tokens it keeps. The scheduler attaches drafts (Sequence.spec_token_ids) to decodes; the runner
+runs them like a short prefill chunk; the engine keeps only the accepted ones.
+"""
