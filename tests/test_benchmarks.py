@@ -34,3 +34,8 @@ def test_bench_long_prompt_and_robustness_small():
     assert "peak +MB" in run("benchmarks/bench_long_prompt.py", "--sizes", "300", "--chunk", "128")
     out = run("benchmarks/bench_robustness.py", "--per-class", "1", "--long-prompt", "2000")
     assert "0 5xx" in out and "2000-token prompt: status 200" in out
+
+
+def test_bench_spec_decode_small():
+    assert "accept len" in run("benchmarks/bench_spec_decode.py", "--max-tokens", "8", "--batch1-prompts", "1",
+                               "--batch", "2", "--repeats", "1")
