@@ -182,9 +182,11 @@ class AsyncEngine:
         # them waiting forever.
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError("the engine was shut down"))
-        self._answer_inbox_after_shutdown()
+        self._drain_inbox(stopped=True)
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self, stopped: bool = False) -> None:
+        """Take in adds and aborts. Once ``stopped``, nothing runs again: adds fail, aborts just
+        return (no request holds blocks any more)."""
         while True:
             try:
                 message = self._inbox.get_nowait()
@@ -193,28 +195,18 @@ class AsyncEngine:
             if message[0] == "add":
                 request = message[1]
                 try:
+                    if stopped:
+                        raise EngineDeadError("the engine was shut down")
                     self.engine.add_request(request.request_id, request)
                 except Exception as e:
                     self._deliver(request.request_id, e)
             else:
                 _, request_id, done = message
-                final = self.engine.abort_request(request_id)
+                final = None if stopped else self.engine.abort_request(request_id)
                 if final is not None:  # a caller still iterating generate() gets its last output
                     self._deliver(request_id, final)
                 if done is not None:
                     _call_soon(done.get_loop(), _set_result, done)
-
-    def _answer_inbox_after_shutdown(self) -> None:
-        """Messages that arrived after the last drain: adds fail, aborts return (nothing to free)."""
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if message[0] == "add":
-                self._deliver(message[1].request_id, EngineDeadError("the engine was shut down"))
-            elif message[2] is not None:
-                _call_soon(message[2].get_loop(), _set_result, message[2])
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):
