@@ -109,3 +109,32 @@ def test_100k_prompt_with_health_and_streams_beside_it(server):
     assert max(health) < 0.25, f"/health took {max(health) * 1000:.0f} ms during the prefill"
     growth = status_kb(pid, "VmHWM") - base
     assert growth < RSS_BUDGET_KB, f"peak RSS grew {growth / 1024:.0f} MB"
+
+
+def test_long_prefill_chunks_shrink_beside_running_streams():
+    """A long prompt's chunks shrink as its context grows while others run, so each step's
+    attention work (and every stream's inter-token gap) stays bounded; alone it takes full chunks."""
+    from minivllm import SamplingParams
+    from minivllm.config import EngineArgs
+    from minivllm.engine.llm_engine import LLMEngine
+    from minivllm.engine.scheduler import LONG_CONTEXT
+
+    budget = 2048
+    engine = LLMEngine(EngineArgs(model=None, max_model_len=16_384, max_num_batched_tokens=budget))
+    engine.add_request("stream", "hello", SamplingParams(max_tokens=200, ignore_eos=True))
+    engine.step()
+    engine.add_request("long", {"prompt_token_ids": random_ids(14_000, seed=3)}, SamplingParams(max_tokens=1))
+    chunks, stream_tokens = [], 0
+    while "long" in engine.requests:
+        long_seq = engine.requests["long"].seqs[0]
+        before = long_seq.num_computed_tokens
+        stream_tokens_before = len(engine.requests["stream"].seqs[0].token_ids)
+        engine.step()
+        if long_seq.num_computed_tokens > before:
+            chunks.append((before, long_seq.num_computed_tokens - before))
+        stream_tokens += len(engine.requests["stream"].seqs[0].token_ids) - stream_tokens_before
+    assert chunks[0][1] == budget - 1  # early chunks: the whole budget but the stream's decode token
+    for computed, size in chunks:
+        assert size <= max(16, budget * LONG_CONTEXT // (computed + budget))
+    assert chunks[-1][1] < budget  # late chunks shrank
+    assert stream_tokens >= len(chunks)  # the stream got a token in every step of the prefill

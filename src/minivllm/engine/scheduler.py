@@ -20,6 +20,8 @@ from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.engine.spec_decode.ngram import NgramProposer
 
+LONG_CONTEXT = 8192  # context up to which a prefill chunk may use the whole token budget beside other work
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
@@ -69,7 +71,7 @@ class Scheduler:
                 budget -= 1
                 i += 1
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._chunk_cap(seq))
             while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + num_new):
                 victim = max(self.running[i:], key=lambda s: s.sort_key)
                 self._preempt(victim)
@@ -84,7 +86,7 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.block_manager.allocate_cached_prefix(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._chunk_cap(seq))
             if not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + num_new):
                 self.block_manager.free(seq)
                 break
@@ -123,6 +125,17 @@ class Scheduler:
             budget -= len(draft)
             if budget == 0:
                 return
+
+    def _chunk_cap(self, seq: Sequence) -> int:
+        """The largest prefill chunk for ``seq`` this step. Alone, the whole budget. Beside other
+        running sequences, a long prompt's chunk shrinks as its context grows: a step's attention
+        work grows with chunk x context, and every running stream waits for the step, so its
+        chunks keep the work of a full-budget chunk over LONG_CONTEXT tokens (a 100k-token prompt
+        goes in chunks of ~700 tokens near its end instead of 8192, and streams keep flowing)."""
+        if not self.running or (len(self.running) == 1 and self.running[0] is seq):
+            return self.max_num_batched_tokens
+        budget = self.max_num_batched_tokens
+        return max(self.block_manager.block_size, budget * LONG_CONTEXT // (seq.num_computed_tokens + budget))
 
     def _is_ready_decode(self, seq: Sequence) -> bool:
         """A decode whose token already has a KV slot and fills no block: the common case.
