@@ -243,3 +243,120 @@ def test_eight_streams_survive_every_kind_of_poisoned_request(server, engine):
     for t in threads:
         t.join(120)
     assert results == {i: "length" for i in range(8)}
+
+
+def test_a_failed_request_never_leaves_a_neighbour_reading_unwritten_kv():
+    """P fails in the model; B has the same prompt and was admitted in the same step, attaching the
+    prefix blocks P was to write: B must be recomputed, not run on K/V nobody wrote."""
+    from minivllm.config import EngineArgs
+    from minivllm.engine.llm_engine import LLMEngine
+
+    prompt = {"prompt_token_ids": [(i * 37) % 1000 + 5 for i in range(200)]}
+
+    def run(engine) -> dict:
+        out = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+        return out
+
+    alone = LLMEngine(EngineArgs(model=None, num_kv_blocks=256, max_model_len=1024))
+    alone.add_request("B", prompt, greedy(16))
+    expected = run(alone)["B"]
+
+    engine = LLMEngine(EngineArgs(model=None, num_kv_blocks=256, max_model_len=1024))
+    execute = engine.runner.execute
+
+    def failing_execute(batch, prompt_rows=None):
+        if any(seq.request.request_id == "P" for seq, _ in batch):
+            raise RuntimeError("simulated kernel failure")
+        return execute(batch, prompt_rows)
+
+    engine.runner.execute = failing_execute
+    engine.add_request("P", prompt, greedy(16))
+    engine.add_request("B", prompt, greedy(16))
+    got = run(engine)
+    assert [rid for rid, _ in engine.take_failed()] == ["P"]
+    assert got["B"] == expected
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+class PanicLike(BaseException):
+    """What a Rust panic raises (pyo3's PanicException is not an Exception)."""
+
+
+def test_a_base_exception_in_a_step_fails_its_requests_not_the_engine(engine, monkeypatch):
+    step = engine.engine.step
+
+    def panicking_step():
+        monkeypatch.setattr(engine.engine, "step", step)  # once
+        raise PanicLike("rust panic")
+
+    monkeypatch.setattr(engine.engine, "step", panicking_step)
+    with pytest.raises(RuntimeError, match="rust panic"):
+        asyncio.run(_collect(engine, "boom", greedy(4), "panic-1"))
+    assert engine.is_running
+    assert len(asyncio.run(_collect(engine, "after", greedy(4), "panic-2"))) == 4
+
+
+def test_shutdown_while_a_prompt_is_tokenized_fails_the_request_at_once():
+    from minivllm import AsyncEngine, EngineArgs
+    from minivllm.engine.async_engine import EngineDeadError
+
+    engine = AsyncEngine.from_engine_args(EngineArgs(model=None, num_kv_blocks=64, max_model_len=256))
+    make_request = engine.engine.make_request
+
+    def make_then_shut_down(*args):
+        request = make_request(*args)
+        engine.shutdown()  # the engine stops while the caller awaits this thread
+        return request
+
+    engine.engine.make_request = make_then_shut_down
+
+    async def main():
+        await asyncio.wait_for(_collect(engine, "late", greedy(2), "late-1"), 10)
+
+    with pytest.raises(EngineDeadError):
+        asyncio.run(main())
+
+
+def test_a_runpod_cancel_landing_with_an_output_is_never_lost(monkeypatch):
+    """The cancel and the job's next output arrive in the same loop pass: the job must still stop."""
+    import minivllm.worker.handler_core as handler_core
+    from minivllm.worker import WorkerConfig
+
+    state = {"task": None, "produced": 0, "closed": False}
+
+    class Native:
+        def __init__(self, *args):
+            pass
+
+        async def generate(self, job, request_id):
+            loop = asyncio.get_running_loop()
+            try:
+                for i in range(5):
+                    await asyncio.sleep(0.02)
+                    if i == 1:
+                        loop.call_soon(state["task"].cancel)
+                    state["produced"] += 1
+                    yield {"i": i}
+            finally:
+                state["closed"] = True
+
+    monkeypatch.setattr(handler_core, "NativeEngine", Native)
+    handler = handler_core.make_handler(None, None, WorkerConfig())
+
+    async def main():
+        got = []
+
+        async def run():
+            async for out in handler({"id": "j", "input": {"prompt": "hi"}}):
+                got.append(out)
+
+        state["task"] = task = asyncio.create_task(run())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return got
+
+    assert len(asyncio.run(main())) < 5 and state["closed"]

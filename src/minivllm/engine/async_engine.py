@@ -80,6 +80,8 @@ class AsyncEngine:
         # Tokenizing and checking a prompt is O(its length): in a thread, so a huge prompt never
         # stalls the event loop (health checks, other streams).
         request = await asyncio.to_thread(self.engine.make_request, request_id, prompt, params, priority)
+        if not self.is_running:  # shut down while the prompt was tokenized: nobody would take the add
+            raise EngineDeadError("the engine is not running")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request))
@@ -161,28 +163,35 @@ class AsyncEngine:
         self._wakeup.set()
 
     def _loop(self) -> None:
-        while not self._stopped:
-            self._drain_inbox()
-            if not self.engine.has_unfinished_requests():
-                self._wakeup.wait()
-                self._wakeup.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # every request failed alone too: fail the step's requests, keep serving
-                logger.exception("engine step failed")
-                self.last_error = e
-                self._fail_all(e)
-                continue
-            for request_id, error in self.engine.take_failed():  # one request's error: its stream only
-                self.last_error = error
-                self._deliver(request_id, RuntimeError(f"request failed: {type(error).__name__}: {error}"))
-            self._deliver_step(outputs)
-        # Shut down: nothing will step these requests again; tell their callers rather than leave
-        # them waiting forever.
-        for request_id in list(self._streams):
-            self._deliver(request_id, EngineDeadError("the engine was shut down"))
-        self._drain_inbox(stopped=True)
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as e:  # also a Rust panic; every request failed alone too
+                    logger.exception("engine step failed")
+                    self.last_error = e
+                    self._fail_all(e)
+                    continue
+                for request_id, error in self.engine.take_failed():  # one request's error: its stream only
+                    self.last_error = error
+                    self._deliver(request_id, RuntimeError(f"request failed: {type(error).__name__}: {error}"))
+                self._deliver_step(outputs)
+        except BaseException as e:  # the thread dies: /health turns 503, and nobody waits forever
+            logger.exception("the engine thread died")
+            self.last_error = e
+            self._stopped = True
+        finally:
+            # Nothing will step these requests again: tell their callers rather than leave them waiting.
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError("the engine was shut down"))
+            self._drain_inbox(stopped=True)
 
     def _drain_inbox(self, stopped: bool = False) -> None:
         """Take in adds and aborts. Once ``stopped``, nothing runs again: adds fail, aborts just

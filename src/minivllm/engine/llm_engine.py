@@ -141,7 +141,7 @@ class LLMEngine:
         except Exception:
             if len(groups) == 1:
                 raise
-            work = self._execute_isolated(groups)
+            work = self._execute_isolated(self._without_dependents(batch, groups))
         # Drafts this step: each sampled sequence gets 1 + len(its drafts) rows and keeps a run of tokens.
         multi = bool(self.scheduler.drafted)
         try:
@@ -171,6 +171,27 @@ class LLMEngine:
             if seq.num_computed_tokens == len(seq.token_ids):
                 to_sample.append(seq)
         return StepWork(to_sample, logits, prompt_hidden, prompt_targets)
+
+    def _without_dependents(self, batch, groups):
+        """The failed step's groups, less the sequences that treat as computed a block another
+        sequence was to write in this step (a prefix-cache hit on blocks registered this step):
+        run alone, they would read K/V nobody wrote. They are preempted, to be recomputed."""
+        bs = self.block_manager.block_size
+        writers: dict[int, set[int]] = {}  # block -> ids of the sequences that were to write it
+        for seq, _ in batch:
+            for block in seq.block_table[seq.num_computed_tokens // bs:]:
+                writers.setdefault(block, set()).add(id(seq))
+        kept = []
+        for group in groups:
+            dependent = [seq for seq, _ in group
+                         if any(writers.get(block, {id(seq)}) - {id(seq)}
+                                for block in seq.block_table[:-(-seq.num_computed_tokens // bs)])]
+            for seq in dependent:
+                self.scheduler.preempt(seq)
+            group = [(seq, n) for seq, n in group if seq not in dependent]
+            if group:
+                kept.append(group)
+        return kept
 
     def _execute_isolated(self, groups: list[list[tuple[Sequence, int]]]) -> "StepWork":
         """Run each request's part of the batch alone; fail the requests whose part fails."""

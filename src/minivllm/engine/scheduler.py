@@ -74,7 +74,7 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._chunk_cap(seq))
             while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + num_new):
                 victim = max(self.running[i:], key=lambda s: s.sort_key)
-                self._preempt(victim)
+                self.preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
@@ -156,7 +156,8 @@ class Scheduler:
         # prefix admitted later in this very step already shares these blocks.
         self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it again: it is recomputed later."""
         self.running.remove(seq)
         self.block_manager.free(seq)
         self.num_preemptions += 1

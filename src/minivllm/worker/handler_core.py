@@ -48,16 +48,15 @@ def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = Non
         else:
             job_id = job.get("id") or "job"
             outputs = native.generate(job_input, f"{job_id}-{uuid.uuid4().hex[:8]}")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + config.request_timeout
+        deadline = asyncio.get_running_loop().time() + config.request_timeout
         try:
             async with aclosing(outputs):
                 while True:
                     try:  # past REQUEST_TIMEOUT, the wait is cancelled: that aborts the engine request
-                        output = await asyncio.wait_for(outputs.__anext__(), max(0.0, deadline - loop.time()))
+                        output = await _next_before(outputs, deadline)
                     except StopAsyncIteration:
                         break
-                    except TimeoutError:
+                    except _RequestTimeout:
                         yield job_error(f"the job ran longer than REQUEST_TIMEOUT ({config.request_timeout:g} s)")
                         return
                     yield output
@@ -68,6 +67,28 @@ def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = Non
             yield job_error(f"internal error: {type(e).__name__}: {e}")
 
     return handler
+
+
+class _RequestTimeout(Exception):
+    pass
+
+
+async def _next_before(outputs: AsyncIterator, deadline: float):
+    """The next output, awaited in this task (so a cancel from RunPod is never lost, as it can be
+    with wait_for on Python 3.11), or _RequestTimeout at ``deadline`` (loop time)."""
+    if sys.version_info < (3, 11):  # no asyncio.timeout_at
+        try:
+            return await asyncio.wait_for(outputs.__anext__(), max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            raise _RequestTimeout from None
+    timeout = asyncio.timeout_at(deadline)
+    try:
+        async with timeout:
+            return await outputs.__anext__()
+    except TimeoutError:
+        if timeout.expired():  # ours, not a TimeoutError the job itself raised
+            raise _RequestTimeout from None
+        raise
 
 
 def make_concurrency_modifier(config: WorkerConfig) -> Callable[[int], int]:
