@@ -360,3 +360,25 @@ def test_a_runpod_cancel_landing_with_an_output_is_never_lost(monkeypatch):
         return got
 
     assert len(asyncio.run(main())) < 5 and state["closed"]
+
+
+def test_a_request_failing_alone_in_its_step_leaves_the_waiting_ones_alone(engine, monkeypatch):
+    """A long prefill alone in a step fails: only it fails; requests queued behind it still run."""
+    execute = engine.engine.runner.execute
+
+    def failing_execute(batch, prompt_rows=None):
+        if any(seq.request.request_id == "alone-poison" for seq, _ in batch):
+            raise RuntimeError("simulated kernel failure")
+        return execute(batch, prompt_rows)
+
+    monkeypatch.setattr(engine.engine.runner, "execute", failing_execute)
+
+    async def main():
+        poison = asyncio.create_task(_collect(engine, "x " * 300, greedy(4), "alone-poison"))
+        await asyncio.sleep(0)
+        others = [asyncio.create_task(_collect(engine, f"next {i}", greedy(4), f"alone-{i}")) for i in range(3)]
+        with pytest.raises(RuntimeError, match="simulated kernel failure"):
+            await poison
+        return await asyncio.gather(*others)
+
+    assert [len(tokens) for tokens in asyncio.run(main())] == [4, 4, 4]

@@ -130,17 +130,18 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step. An error that one request causes fails that request only (see take_failed):
-        a failed phase is retried one request at a time to find who caused it, and the others go on.
-        An error that every request meets alone (the model itself is broken) is raised."""
+        a failed phase is retried one request at a time to find who caused it, and the others go on
+        (a request alone in its step that fails is failed; the requests waiting are untouched)."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
         groups = _by_request(batch)
         try:
             work = self._execute(batch)
-        except Exception:
+        except Exception as error:
             if len(groups) == 1:
-                raise
+                self._fail_request(batch[0][0].request, error)
+                return []
             work = self._execute_isolated(self._without_dependents(batch, groups))
         # Drafts this step: each sampled sequence gets 1 + len(its drafts) rows and keeps a run of tokens.
         multi = bool(self.scheduler.drafted)
@@ -149,7 +150,11 @@ class LLMEngine:
         except Exception:
             work, result = self._sample_isolated(work, multi)
         if work.prompt_targets:
-            self._record_prompt_logprobs(work.prompt_hidden, work.prompt_targets)
+            try:
+                self._record_prompt_logprobs(work.prompt_hidden, work.prompt_targets)
+            except Exception as error:  # the requests that asked for prompt logprobs fail, the rest go on
+                for request in {seq.request.request_id: seq.request for seq, _ in work.prompt_targets}.values():
+                    self._fail_request(request, error)
         return self._postprocess(work.seqs, result, multi)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], multi: bool) -> SampleResult:
