@@ -91,6 +91,9 @@ def engine_url(url: str) -> str:
     return url
 
 
+SCHEMA_LOCK_KEY = 0x6D696E69766C6C6D  # "minivllm": the advisory lock that serializes schema creation
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = engine_url(url)
@@ -100,7 +103,12 @@ class Store:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=8, max_overflow=8)
-        metadata.create_all(self.engine)
+        with self.engine.begin() as c:
+            if not self.is_sqlite:
+                # Replicas starting together would race to create the tables (PostgreSQL's catalog
+                # then raises a unique violation): one at a time, under a transaction-scoped lock.
+                c.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            metadata.create_all(c)
 
     def close(self) -> None:
         self.engine.dispose()
