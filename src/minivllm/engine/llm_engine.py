@@ -416,7 +416,6 @@ class LLMEngine:
         }
 
 
-
 @dataclass
 class StepWork:
     """A step's model output: the sequences to sample and their logits rows; the hidden states of

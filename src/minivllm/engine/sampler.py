@@ -33,12 +33,7 @@ class Sampler:
         if all_plain_greedy(seqs):
             # The common batch: nothing to adjust or report, so one argmax and one copy to the host.
             return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
-        want_logprobs = any(s.params.logprobs is not None for s in seqs)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = logits.clone() if want_logprobs else logits
-        for row, seq in enumerate(seqs):
-            if seq.params.adjusts_logits:
-                self._adjust_row(logits[row], seq)
+        logits, raw_logprobs = self.adjusted(logits, seqs)
 
         greedy = [s.params.greedy for s in seqs]
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
@@ -53,6 +48,17 @@ class Sampler:
             tokens[random_rows] = self._draw(logits[random_rows], [seqs[r] for r in random_rows])
         token_list = tokens.tolist()
         return SampleResult(token_list, self._logprobs(raw_logprobs, token_list, seqs))
+
+    def adjusted(self, logits: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the rows with each one's logit bias, min_tokens masking and penalties applied; the raw
+        log-softmax, what `logprobs` reports, when any row asked for it). Row r belongs to seqs[r]."""
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = logits.clone() if want_logprobs else logits
+        for row, seq in enumerate(seqs):
+            if seq.params.adjusts_logits:
+                self._adjust_row(logits[row], seq)
+        return logits, raw_logprobs
 
     def _adjust_row(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params

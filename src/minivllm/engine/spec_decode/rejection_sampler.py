@@ -65,12 +65,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> Samp
     for seq, draft in zip(seqs, drafts):
         views.append(seq)
         views.extend(_Ahead(seq, draft[:j]) for j in range(1, len(draft) + 1))
-    want_logprobs = any(s.params.logprobs is not None for s in seqs)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    logits = logits.clone() if want_logprobs else logits
-    for r, view in enumerate(views):
-        if view.params.adjusts_logits:
-            sampler._adjust_row(logits[r], view)
+    logits, raw_logprobs = sampler.adjusted(logits, views)
 
     choices = torch.empty(len(views), dtype=torch.long, device=logits.device)
     greedy_rows = [r for r, v in enumerate(views) if v.params.greedy]
