@@ -10,20 +10,15 @@ technique of test_responses_api.py). `server.prompts` records every prompt.
 
 import asyncio
 import json
-from types import SimpleNamespace
 
 import anthropic
 import httpx
 import pytest
-from conftest import serve_in_thread
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from test_responses_api import RETURN, _scripted, prompt_text, reasoning_then_answer, reasoning_then_call, say
+from test_openai_serving import RETURN, reasoning_then_answer, reasoning_then_call, say
+from test_responses_api import prompt_text, recording_server
 
 from minivllm.anthropic import AnthropicError, error_body, is_anthropic_route
-from minivllm.input_checks import parse_json
-from minivllm.openai import OpenAIError, OpenAIServing
-from minivllm.server.app import create_app
+from minivllm.openai import OpenAIError
 
 MODEL = "tiny-test"
 TOOLS = [{"name": "get_weather", "description": "Weather of a city",
@@ -34,52 +29,8 @@ GREEDY = {"temperature": 0}  # sampling fields by extra_body: recent SDKs droppe
 
 @pytest.fixture(scope="module")
 def server(engine):
-    serving = OpenAIServing(engine, MODEL, max_model_len=engine.engine.max_model_len)
-    state = SimpleNamespace(engine=engine, serving=serving, prompts=[], script=[])
-    generate = serving.chat.generate
-
-    def recording(prompt_ids, params, request_id):
-        state.prompts.append(prompt_ids)
-        if state.script:
-            return _scripted(state.script.pop(0), prompt_ids, params, request_id)
-        return generate(prompt_ids, params, request_id)
-
-    serving.chat.generate = recording
-    app = create_app(engine, serving)
-    if not any(getattr(route, "path", None) == "/v1/messages" for route in app.routes):
-        mount_messages_routes(app, serving)
-    with serve_in_thread(app) as url:
-        state.url = url
+    with recording_server(engine) as state:
         yield state
-
-
-def mount_messages_routes(app, serving) -> None:
-    """Test-only stand-in for the server's own /v1/messages routes, while app.py lacks them: what they
-    must do. The body goes to dispatch as is; every error, the app's own (bad JSON) included, is
-    Anthropic-shaped; a stream is SSE whose every event has an `event: <type>` line (Anthropic's SDK
-    skips events without one), errors mid-stream included (dispatch's stream yields them as events)."""
-
-    async def messages(request: Request) -> Response:
-        try:
-            try:
-                raw = await request.body()
-                body = parse_json(raw) if raw else None
-            except ValueError as e:
-                raise OpenAIError(str(e), 400) from None
-            result = await serving.dispatch(request.url.path, body, request.method)
-        except OpenAIError as e:
-            return JSONResponse(error_body(e), status_code=e.status_code)
-        if isinstance(result, dict):
-            return JSONResponse(result)
-
-        async def sse():
-            async for event in result:
-                yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
-
-    for path in ("/v1/messages", "/v1/messages/count_tokens"):
-        app.router.add_api_route(path, messages, methods=["POST"], include_in_schema=False)
 
 
 @pytest.fixture(scope="module")

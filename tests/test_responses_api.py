@@ -8,15 +8,16 @@ the engine's output with fixed tokens for the next request. `server.prompts` rec
 """
 
 import asyncio
+import contextlib
 import time
 from types import SimpleNamespace
 
 import httpx
 import openai
-import openai_harmony as oh
 import pytest
 from conftest import serve_in_thread
 from openai.lib.streaming.responses._responses import ResponseStreamState
+from test_openai_serving import reasoning_then_answer, reasoning_then_call, say
 
 from minivllm.openai import OpenAIError, OpenAIServing
 from minivllm.openai.response_store import ResponseStore, StoredResponse
@@ -24,16 +25,17 @@ from minivllm.outputs import CompletionOutput, RequestOutput
 from minivllm.server.app import create_app
 
 MODEL = "tiny-test"
-RETURN, CALL, END = 200002, 200012, 200007
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
 GET_WEATHER = {"type": "function", "name": "get_weather"}
 LONG = {"max_output_tokens": 900, "extra_body": {"min_tokens": 900}}  # runs for seconds unless cancelled
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    serving = OpenAIServing(engine, MODEL, max_model_len=engine.engine.max_model_len, max_stored_responses=100)
+@contextlib.contextmanager
+def recording_server(engine, **serving_kwargs):
+    """A real server whose chat path records every prompt (`state.prompts`) and, while
+    `state.script` holds token lists, answers with them instead of the random model."""
+    serving = OpenAIServing(engine, MODEL, max_model_len=engine.engine.max_model_len, **serving_kwargs)
     state = SimpleNamespace(engine=engine, serving=serving, prompts=[], script=[])
     generate = serving.chat.generate
 
@@ -46,6 +48,12 @@ def server(engine):
     serving.chat.generate = recording
     with serve_in_thread(create_app(engine, serving)) as url:
         state.url = url
+        yield state
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with recording_server(engine, max_stored_responses=100) as state:
         yield state
 
 
@@ -69,23 +77,6 @@ async def _scripted(tokens, prompt_ids, params, request_id):
         await asyncio.sleep(0)
         if reason:
             return
-
-
-def say(enc, text, channel, recipient=None, last=END, first=False):
-    m = oh.Message.from_role_and_content(oh.Role.ASSISTANT, text).with_channel(channel)
-    if recipient:
-        m = m.with_recipient(recipient).with_content_type("<|constrain|>json")
-    tokens = enc.render(m)[:-1] + [last]
-    return tokens[2:] if first else tokens  # the prompt already ends with <|start|>assistant
-
-
-def reasoning_then_answer(enc):
-    return say(enc, "User asks weather.", "analysis", first=True) + say(enc, "It is sunny.", "final", last=RETURN)
-
-
-def reasoning_then_call(enc):
-    return (say(enc, "Need the tool.", "analysis", first=True)
-            + say(enc, '{"city": "Paris"}', "commentary", "functions.get_weather", last=CALL))
 
 
 def prompt_text(server, index=-1) -> str:
