@@ -20,28 +20,7 @@ import time
 
 import torch
 
-CYCLE = torch.arange(1000, 1000 + 40 * 13, 13).tolist()  # 8 cycles of 5 tokens
-
-
-def write_copy_checkpoint(path: str, shift: int) -> str:
-    from safetensors.torch import load_file, save_file
-
-    from minivllm.model.tiny import write_tiny_checkpoint
-
-    write_tiny_checkpoint(path, seed=1, sliding_window=16)
-    state = load_file(f"{path}/model.safetensors")
-    embed = state["model.embed_tokens.weight"].float()
-    head = torch.zeros(state["lm_head.weight"].shape)
-    for i, token in enumerate(CYCLE):
-        head[CYCLE[i // 5 * 5 + (i + 1) % 5]] = embed[token] / embed[token].norm() * 40
-    for name in list(state):
-        if name.endswith(("o_proj.weight", "o_proj.bias", "down_proj_bias")):
-            state[name] = state[name] / 2**shift
-        elif name.endswith("down_proj_scales"):
-            state[name] = state[name] - shift
-    state["lm_head.weight"] = head.to(state["lm_head.weight"].dtype)
-    save_file(state, f"{path}/model.safetensors", metadata={"format": "pt"})
-    return path
+from minivllm.model.tiny import CYCLE, write_copy_checkpoint
 
 
 def make_prompts(n: int, seed: int) -> list[dict]:

@@ -5,41 +5,17 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from minivllm import LLM, EngineArgs, SamplingParams
 from minivllm.engine.sampler import Sampler
 from minivllm.engine.sequence import Request, Sequence
 from minivllm.engine.spec_decode.ngram import NgramProposer
 from minivllm.engine.spec_decode.rejection_sampler import verify
+from minivllm.model.tiny import CYCLE, write_copy_checkpoint
 from minivllm.tokenizer import Tokenizer
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 3}
-CYCLE = torch.arange(1000, 1000 + 40 * 13, 13).tolist()  # 8 cycles of 5 tokens the copy model follows
 GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def write_copy_checkpoint(path: str, shift: int) -> str:
-    """The tiny checkpoint, made to repeat itself: lm_head maps token CYCLE[i]'s embedding to the next
-    token of its 5-cycle (every other row is zero), and the layers' outputs are scaled by 2**-shift so
-    the last hidden state stays close to the current token's embedding. shift 1: follows the cycles
-    about half of the time (drafts partly accepted); shift 4: copies the cycle exactly."""
-    from minivllm.model.tiny import write_tiny_checkpoint
-
-    write_tiny_checkpoint(path, seed=1, sliding_window=16)
-    state = load_file(f"{path}/model.safetensors")
-    embed = state["model.embed_tokens.weight"].float()
-    head = torch.zeros(state["lm_head.weight"].shape)
-    for i, token in enumerate(CYCLE):
-        head[CYCLE[i // 5 * 5 + (i + 1) % 5]] = embed[token] / embed[token].norm() * 40
-    for name in list(state):
-        if name.endswith(("o_proj.weight", "o_proj.bias", "down_proj_bias")):
-            state[name] = state[name] / 2**shift
-        elif name.endswith("down_proj_scales"):  # MXFP4 scales are powers of two
-            state[name] = state[name] - shift
-    state["lm_head.weight"] = head.to(state["lm_head.weight"].dtype)
-    save_file(state, f"{path}/model.safetensors", metadata={"format": "pt"})
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from minivllm.model.mxfp4 import quantize_mxfp4
 
@@ -113,4 +113,30 @@ def write_tiny_checkpoint(path: str, seed: int = 0, quantized: bool = True, dtyp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+# 8 cycles of 5 tokens that write_copy_checkpoint's model follows.
+CYCLE = list(range(1000, 1000 + 40 * 13, 13))
+
+
+def write_copy_checkpoint(path: str, shift: int) -> str:
+    """The tiny checkpoint made to repeat itself, for speculative decoding's tests and benchmark:
+    lm_head maps token CYCLE[i]'s embedding to the next token of its 5-cycle (every other row is
+    zero), and the layers' outputs are scaled by 2**-shift so the last hidden state stays close to
+    the current token's embedding. shift 1: follows the cycles about half of the time (drafts partly
+    accepted); shift 4: copies the cycle exactly."""
+    write_tiny_checkpoint(path, seed=1, sliding_window=16)
+    state = load_file(f"{path}/model.safetensors")
+    embed = state["model.embed_tokens.weight"].float()
+    head = torch.zeros(state["lm_head.weight"].shape)
+    for i, token in enumerate(CYCLE):
+        head[CYCLE[i // 5 * 5 + (i + 1) % 5]] = embed[token] / embed[token].norm() * 40
+    for name in list(state):
+        if name.endswith(("o_proj.weight", "o_proj.bias", "down_proj_bias")):
+            state[name] = state[name] / 2**shift
+        elif name.endswith("down_proj_scales"):  # MXFP4 scales are powers of two
+            state[name] = state[name] - shift
+    state["lm_head.weight"] = head.to(state["lm_head.weight"].dtype)
+    save_file(state, f"{path}/model.safetensors", metadata={"format": "pt"})
     return path
