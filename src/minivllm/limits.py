@@ -11,7 +11,9 @@ from pydantic import BaseModel, Field
 
 
 class LimitError(ValueError):
-    pass
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param  # the request field past its limit
 
 
 class RequestLimits(BaseModel):
@@ -34,17 +36,18 @@ class RequestLimits(BaseModel):
             if value is not None:
                 _at_most(value, self.max_logprobs, f"{where}{name}", "MAX_LOGPROBS")
         if isinstance(stop, list):
-            _at_most(len(stop), self.max_stop_sequences, f"{where}stop (the number of stop strings)",
-                     "MAX_STOP_SEQUENCES")
+            _at_most(len(stop), self.max_stop_sequences, f"{where}stop", "MAX_STOP_SEQUENCES",
+                     "the number of stop strings")
 
     def check_tools(self, tools: list | None, where: str = "") -> None:
         if tools:
-            _at_most(len(tools), self.max_tools, f"{where}tools (the number of tools)", "MAX_TOOLS")
+            _at_most(len(tools), self.max_tools, f"{where}tools", "MAX_TOOLS", "the number of tools")
 
     def check_size(self, num_bytes: int, what: str) -> None:
-        _at_most(num_bytes, self.max_prompt_bytes, f"{what} (bytes)", "MAX_PROMPT_BYTES")
+        _at_most(num_bytes, self.max_prompt_bytes, what, "MAX_PROMPT_BYTES", "bytes")
 
 
-def _at_most(value: int, limit: int, what: str, env: str) -> None:
+def _at_most(value: int, limit: int, param: str, env: str, counted: str | None = None) -> None:
     if value > limit:
-        raise LimitError(f"{what} is {value}, more than this server's limit of {limit} (set by {env}).")
+        what = f"{param} ({counted})" if counted else param
+        raise LimitError(f"{what} is {value}, more than this server's limit of {limit} (set by {env}).", param)

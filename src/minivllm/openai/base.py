@@ -109,7 +109,7 @@ class ServingBase:
             self.limits.check_sampling(n=req.n, logprobs=extra.get("logprobs"), logprobs_name=logprobs_name,
                                        prompt_logprobs=extra.get("prompt_logprobs", req.prompt_logprobs), stop=req.stop)
         except LimitError as e:
-            raise bad_request(str(e), str(e).split(" ", 1)[0]) from None  # the message starts with the param
+            raise bad_request(str(e), e.param) from None
         # Checked here, not only by the engine: a stream has already sent its first chunk by then.
         self._check_vocab(req.stop_token_ids or [], "stop_token_ids")
         values = {"n": req.n, "max_tokens": max_tokens, "min_tokens": min(req.min_tokens, max_tokens),
