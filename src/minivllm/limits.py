@@ -19,7 +19,8 @@ class LimitError(ValueError):
 class RequestLimits(BaseModel):
     max_n: int = Field(128, ge=1, description="Most choices (n) one request may ask for.")
     max_logprobs: int = Field(
-        20, ge=0, le=20, description="Most logprobs / top_logprobs / prompt_logprobs per token (20 at most, as OpenAI).")
+        20, ge=0, le=20,
+        description="Most logprobs / top_logprobs / prompt_logprobs per token (20 at most, as OpenAI).")
     max_prompt_bytes: int = Field(
         32 << 20, ge=1, description="Largest request body / job input, in bytes (it holds the prompt).")
     max_stop_sequences: int = Field(64, ge=0, description="Most stop strings one request may give.")
