@@ -1,7 +1,9 @@
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -79,6 +81,12 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 def mixed_prompts(seed: int = 0, lengths=(3, 9, 17, 30, 45, 70)) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 199_000, (n,), generator=g).tolist() for n in lengths]
+
+
+def minivllm_command() -> list[str]:
+    """How to run the `minivllm` console script (its module when the script is not on PATH)."""
+    exe = shutil.which("minivllm")
+    return [exe] if exe else [sys.executable, "-m", "minivllm.cli"]
 
 
 def free_port() -> int:

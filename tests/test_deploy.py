@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, wait_until_up
+from conftest import free_port, minivllm_command, wait_until_up
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is a test dependency")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is a test dependency")
@@ -425,8 +425,7 @@ API_KEY = "k3y"
 def local_server(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    exe = shutil.which("minivllm")
-    cmd = [exe] if exe else [sys.executable, "-m", "minivllm.cli"]
+    cmd = minivllm_command()
     absent = tmp_path_factory.mktemp("args") / "absent.json"
     proc = subprocess.Popen(
         cmd + ["serve", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256", "--num-kv-blocks", "64",

@@ -4,16 +4,14 @@ memory (peak RSS read from /proc), a responsive event loop, and neighbours that 
 import asyncio
 import os
 import random
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from conftest import free_port, wait_until_up
+from conftest import free_port, minivllm_command, wait_until_up
 
 RSS_BUDGET_KB = 1.5 * 1024 * 1024  # 1.5 GB of growth above the warmed-up server
 
@@ -22,8 +20,7 @@ RSS_BUDGET_KB = 1.5 * 1024 * 1024  # 1.5 GB of growth above the warmed-up server
 def server(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    exe = shutil.which("minivllm")
-    cmd = [exe] if exe else [sys.executable, "-m", "minivllm.cli"]
+    cmd = minivllm_command()
     env = {**os.environ, "LOCAL_MODEL_ARGS_PATH": str(tmp_path_factory.mktemp("cfg") / "absent.json")}
     # The embedded default as a user starts it (max_model_len 131072), nothing tuned for the test.
     proc = subprocess.Popen(cmd + ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],

@@ -2,16 +2,14 @@
 test as a real subprocess (API key, served model name, RunPod routes, SIGTERM)."""
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from conftest import free_port, wait_until_up
+from conftest import free_port, minivllm_command, wait_until_up
 
 from minivllm.cli import build_parser, engine_args_from, main
 from minivllm.config import EngineArgs
@@ -71,8 +69,7 @@ def test_sigterm_turns_ready_off_first():
 def test_serve_subprocess(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    exe = shutil.which("minivllm")
-    cmd = [exe] if exe else [sys.executable, "-m", "minivllm.cli"]
+    cmd = minivllm_command()
     proc = subprocess.Popen(
         cmd + ["serve", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256", "--num-kv-blocks", "64",
                "--api-key", "k3y", "--served-model-name", "smoke", "--log-level", "warning"],

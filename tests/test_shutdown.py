@@ -4,17 +4,15 @@ finish_reason "abort", and the process exits 0 within drain + 5 s."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
-from conftest import free_port, wait_until_up
+from conftest import free_port, minivllm_command, wait_until_up
 
 DRAIN_S = 4
 
@@ -48,8 +46,7 @@ def test_sigterm_drains_then_fails_the_rest_and_exits_0(tmp_path):
     hooks = Webhooks()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    exe = shutil.which("minivllm")
-    cmd = [exe] if exe else [sys.executable, "-m", "minivllm.cli"]
+    cmd = minivllm_command()
     env = {**os.environ, "LOCAL_MODEL_ARGS_PATH": str(tmp_path / "absent.json"), "MAX_CONCURRENCY": "2"}
     proc = subprocess.Popen(
         cmd + ["serve", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "8192",
