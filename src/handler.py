@@ -21,8 +21,13 @@ import threading
 import time
 
 
-def fail(message: str) -> None:
+def fail(message: str, hard: bool = False) -> None:
+    """Print one line and exit 1. `hard` skips interpreter shutdown: a thread still inside torch's
+    C++ code (a model load past its timeout) would abort the process while Python finalizes."""
     print("minivllm worker: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    if hard:
+        sys.stdout.flush()
+        os._exit(1)
     sys.exit(1)
 
 
@@ -82,7 +87,7 @@ def main() -> None:
     loader.join(config.vllm_startup_timeout)
     if not loaded:
         fail(f"the model {config.model or '(embedded default)'} did not load within VLLM_STARTUP_TIMEOUT "
-             f"({config.vllm_startup_timeout:g} s)")
+             f"({config.vllm_startup_timeout:g} s)", hard=True)
     if isinstance(loaded[0], Exception):
         fail(f"cannot load model {config.model or '(embedded default)'}: {loaded[0]}")
     engine = loaded[0]
@@ -105,6 +110,10 @@ def main() -> None:
 
     runpod_import.join()
     import runpod
+
+    from minivllm.startup_gc import freeze_startup_objects
+
+    freeze_startup_objects()
 
     runpod.serverless.start({
         "handler": handler,

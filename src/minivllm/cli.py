@@ -149,6 +149,7 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     from minivllm.limits import RequestLimits
     from minivllm.openai.serving import OpenAIServing
     from minivllm.server.app import create_app
+    from minivllm.startup_gc import freeze_startup_objects
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = with_config_and_env(parser, args)
@@ -177,6 +178,7 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     server = draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                             timeout_graceful_shutdown=args.shutdown_drain_s + 5))
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    freeze_startup_objects()
     try:
         server.run()
     finally:
