@@ -34,6 +34,9 @@ class EngineArgs(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=2, description="Explicit KV-cache size in blocks (overrides sizing).")
     kv_cache_space_gib: float = Field(1.0, gt=0, description="KV-cache size on CPU, in GiB.")
     gpu_memory_utilization: float = Field(0.95, gt=0, le=1, description="Fraction of GPU memory the engine may use.")
+    background_priority: int | None = Field(
+        10, description="Requests with at least this priority value (the Batch API's lines: 10) run only in steps "
+        "with no other request: they use idle capacity and never slow a real-time one. None: plain priority order.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
     seed: int = Field(0, description="Seed of the engine's global random generator.")

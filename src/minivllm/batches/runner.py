@@ -29,7 +29,7 @@ from minivllm.openai.errors import OpenAIError
 
 logger = logging.getLogger(__name__)
 
-BATCH_PRIORITY = 10  # the scheduler runs lower values first; real-time requests use 0
+BATCH_PRIORITY = 10  # real-time requests use 0; from EngineArgs.background_priority (10) on, lines only use idle steps
 
 
 Dispatch = Callable[[str, dict, str], Awaitable]

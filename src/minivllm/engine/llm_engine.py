@@ -49,7 +49,8 @@ class LLMEngine:
         proposer = None if spec is None else NgramProposer(
             spec["num_speculative_tokens"], spec["prompt_lookup_min"], spec["prompt_lookup_max"])
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, proposer,
-                                   self.max_model_len, spec["disable_by_batch_size"] if spec else 0)
+                                   self.max_model_len, spec["disable_by_batch_size"] if spec else 0,
+                                   args.background_priority)
         # Speculative decoding counters (vLLM's spec_decode metrics): verified drafts, drafted tokens,
         # accepted tokens.
         self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0

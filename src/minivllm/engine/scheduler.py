@@ -5,6 +5,12 @@ oldest) while the budget, `max_num_seqs` and free KV blocks allow. When a runnin
 block and none is free, the least important running sequence is preempted: its blocks are freed
 and it is recomputed later (its tokens are kept, so the prefix cache often makes that cheap).
 
+Background requests (priority >= `background_priority`: the Batch API's lines) use idle capacity
+only: in a step with any other request running or waiting they are paused (their blocks kept), are
+the first to give up a sequence slot or their blocks to an arriving request, and are not admitted.
+On the reference path every sequence in a step lengthens it, so this is what keeps a real-time
+request's latency beside a running batch at its idle value.
+
 Speculative decoding (n-gram): once the real work is placed, decodes get draft tokens from the
 token budget that is left, so drafts never displace a prefill chunk, a decode or an admission,
 and never cause a preemption (a draft that needs a block none is free for is dropped). It is off
@@ -20,19 +26,23 @@ from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.engine.spec_decode.ngram import NgramProposer
 
+# The token budget of a step of background work only: a real-time request that arrives waits for
+# at most such a short step (on a GPU, a step this size costs about what a decode step costs).
+BACKGROUND_STEP_TOKENS = 256
 LONG_CONTEXT = 8192  # context up to which a prefill chunk may use the whole token budget beside other work
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  proposer: NgramProposer | None = None, max_model_len: int | None = None,
-                 disable_by_batch_size: int = 0):
+                 disable_by_batch_size: int = 0, background_priority: int | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.proposer = proposer
         self.max_model_len = max_model_len
         self.disable_by_batch_size = disable_by_batch_size
+        self.background_priority = background_priority
         self.drafted: list[Sequence] = []  # sequences given drafts by the last schedule()
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
@@ -60,12 +70,18 @@ class Scheduler:
             for seq in self.drafted:
                 seq.spec_token_ids = []
             self.drafted = []
-        budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
+        # `running` and `waiting` are sorted most important first: only a prefix of them runs.
+        foreground = self._has_foreground()
+        budget = self.max_num_batched_tokens
+        if not foreground:  # background work only (or none)
+            budget = min(budget, BACKGROUND_STEP_TOKENS)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if foreground and self._is_background(seq):
+                break  # paused: every later one is background too
             if self._is_ready_decode(seq):
                 scheduled.append((seq, 1))
                 budget -= 1
@@ -83,11 +99,15 @@ class Scheduler:
                 budget -= num_new
                 i += 1
         # Admitting new work right after a preemption would only thrash the cache.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while not preempted and self.waiting and budget > 0:
             seq = self.waiting[0]
+            if foreground and self._is_background(seq):
+                break
+            if len(self.running) >= self.max_num_seqs and not self._yield_background(seq):
+                break
             self.block_manager.allocate_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._chunk_cap(seq))
-            if not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + num_new):
+            if not self._reserve(seq, num_new):
                 self.block_manager.free(seq)
                 break
             self.waiting.pop(0)
@@ -125,6 +145,29 @@ class Scheduler:
             budget -= len(draft)
             if budget == 0:
                 return
+
+    def _is_background(self, seq: Sequence) -> bool:
+        return self.background_priority is not None and seq.sort_key[0] >= self.background_priority
+
+    def _has_foreground(self) -> bool:
+        """Whether a request that is not background is running or waiting (both queues are sorted)."""
+        return any(queue and not self._is_background(queue[0]) for queue in (self.running, self.waiting))
+
+    def _yield_background(self, seq: Sequence) -> bool:
+        """Preempt the least important running sequence for arriving `seq` if that one is background
+        and `seq` is not: a batch line gives its slot or blocks to a real-time request at once."""
+        victim = self.running[-1] if self.running else None
+        if victim is None or self._is_background(seq) or not self._is_background(victim):
+            return False
+        self.preempt(victim)
+        return True
+
+    def _reserve(self, seq: Sequence, num_new: int) -> bool:
+        """KV slots for `num_new` more tokens of an arriving sequence, freed from background ones if need be."""
+        while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + num_new):
+            if not self._yield_background(seq):
+                return False
+        return True
 
     def _chunk_cap(self, seq: Sequence) -> int:
         """The largest prefill chunk for ``seq`` this step. Alone, the whole budget. Beside other
