@@ -86,10 +86,9 @@ class ModelManager:
     @classmethod
     def serving_one(cls, engine, serving, name: str | None = None) -> "ModelManager":
         """A one-model registry around an engine loaded already (and its serving, or None)."""
-        name = name or (serving.served_model_name if serving is not None else None)
-        manager = cls(ModelsFile(models=[ModelEntry(served_name=name)]), None,
-                      limits=serving.limits if serving is not None else None)
-        if serving is not None:
+        name = name or getattr(serving, "served_model_name", None)
+        manager = cls(ModelsFile(models=[ModelEntry(served_name=name)]), None, limits=getattr(serving, "limits", None))
+        if getattr(serving, "responses", None) is not None:
             manager.responses = serving.responses
         manager._set_loaded(manager.default, LoadedModel(manager.default.name, engine, serving))
         return manager

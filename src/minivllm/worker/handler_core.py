@@ -34,11 +34,9 @@ def make_handler(engine: AsyncEngine | None, serving, config: WorkerConfig | Non
     task is cancelled, the engine request is aborted before the CancelledError propagates.
     """
     config = config or WorkerConfig()
-    openai_routes = models is not None or serving is not None
-    if models is None:
-        models = ModelManager.serving_one(engine, serving)
-    native = NativeEngine(models, config)
-    openai = OpenAIEngine(models if openai_routes else None, config, batches)
+    # One model: its serving answers OpenAI jobs as it is (anything with dispatch()).
+    openai = OpenAIEngine(serving if models is None else models, config, batches)
+    native = NativeEngine(models or ModelManager.serving_one(engine, serving), config)
 
     async def handler(job: dict) -> AsyncIterator[Any]:
         raw = job.get("input") if isinstance(job, dict) else None
