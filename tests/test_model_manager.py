@@ -181,6 +181,16 @@ def test_idle_unload_frees_the_model(checkpoints, expected):
         assert asyncio.run(_one(url, "alpha")) == expected["alpha"][0]  # and it loads again on demand
 
 
+def test_a_model_that_fails_to_load_fails_its_requests_only(checkpoints, expected, tmp_path):
+    models = make_manager({"alpha": checkpoints["alpha"], "broken": str(tmp_path / "missing")})
+    with serve_in_thread(create_app(models=models)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/completions", json={"model": "broken", "prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
+        assert "The model `broken` failed to load" in r.json()["error"]["message"]
+        assert states(client) == {"alpha": "unloaded", "broken": "unloaded"}
+        assert asyncio.run(_one(url, "alpha")) == expected["alpha"][0]
+
+
 def test_a_runpod_native_job_picks_its_model(checkpoints, expected):
     from minivllm.worker import WorkerConfig, make_handler
 

@@ -337,8 +337,9 @@ class ModelManager:
                 continue
             now = time.monotonic()
             for model in self.models.values():
-                if (model.state == LOADED and model.loaded.leases == 0 and not model.loaded.engine.num_streams
-                        and now - model.last_used >= idle_s):
+                # last_used moves on every acquire and release, so a lease held this long with no
+                # engine request is one nobody will give back (a response never sent): not a user.
+                if model.state == LOADED and not model.loaded.engine.num_streams and now - model.last_used >= idle_s:
                     self._swap = asyncio.get_running_loop().create_task(self._switch(None, model))
                     break
 
@@ -374,6 +375,9 @@ class LeasedStream:
         if self._release is not None:
             release, self._release = self._release, None
             release()
+
+    def __del__(self) -> None:  # a response dropped before anyone read it (the client left first)
+        self._end()
 
 
 class _Unreserved:
