@@ -64,17 +64,14 @@ class ManagedModel:
 
 
 class ModelManager:
-    def __init__(self, models_file: ModelsFile, make_serving: Callable | None, *, limits=None,
-                 load_engine: Callable | None = None) -> None:
-        """make_serving(engine, served_name, response_store) -> OpenAIServing; load_engine(EngineArgs)
-        -> AsyncEngine (default: AsyncEngine.from_engine_args)."""
+    def __init__(self, models_file: ModelsFile, make_serving: Callable | None, *, limits=None) -> None:
+        """make_serving(engine, served_name, response_store) -> the model's OpenAIServing."""
         from minivllm.limits import RequestLimits
 
         self.settings = models_file
         self.models = {entry.name: ManagedModel(entry) for entry in models_file.models}
         self.default = next(iter(self.models.values()))
         self.make_serving = make_serving
-        self.load_engine = load_engine
         self.limits = limits or RequestLimits()
         self.responses = ResponsesServing(None, ResponseStore())  # one store: ids outlive a swap
         self.num_loads = self.num_swaps = 0
@@ -84,9 +81,9 @@ class ModelManager:
         self._idle_watch: asyncio.Task | None = None
 
     @classmethod
-    def serving_one(cls, engine, serving, name: str | None = None) -> "ModelManager":
+    def serving_one(cls, engine, serving) -> "ModelManager":
         """A one-model registry around an engine loaded already (and its serving, or None)."""
-        name = name or getattr(serving, "served_model_name", None)
+        name = getattr(serving, "served_model_name", None)
         manager = cls(ModelsFile(models=[ModelEntry(served_name=name)]), None, limits=getattr(serving, "limits", None))
         if getattr(serving, "responses", None) is not None:
             manager.responses = serving.responses
@@ -249,9 +246,11 @@ class ModelManager:
                     self.last_swap_seconds = time.monotonic() - start
                     self.swap_seconds += self.last_swap_seconds
                     logger.info("swapped %s -> %s in %.2f s", victim.name, model.name, self.last_swap_seconds)
+        except Exception:  # (a failed load is handled in _load) the next swap must still start
+            logger.exception("swapping in %s failed", model.name if model else None)
         finally:
             self._swap = None
-            self._schedule()
+        self._schedule()  # not when cancelled: the loop is shutting down
 
     async def _load(self, model: ManagedModel) -> None:
         model.state = LOADING
@@ -280,7 +279,7 @@ class ModelManager:
         """Engine and serving of one model (in a thread, or at start)."""
         from minivllm.engine.async_engine import AsyncEngine
 
-        engine = (self.load_engine or AsyncEngine.from_engine_args)(model.entry.engine_args())
+        engine = AsyncEngine.from_engine_args(model.entry.engine_args())
         try:
             serving = self.make_serving(engine, model.name, self.responses.store)
         except BaseException:
