@@ -289,10 +289,9 @@ class ModelManager:
 
     def _set_loaded(self, model: ManagedModel, loaded: LoadedModel) -> None:
         model.loaded, model.state = loaded, LOADED
-        inner = getattr(loaded.engine, "engine", None)  # an LLMEngine (stand-ins in tests may lack it)
-        if inner is not None:
-            model.max_model_len = inner.max_model_len
-            model.quantization = inner.model_config.quant_method
+        inner = getattr(loaded.engine, "engine", None)  # the LLMEngine (test stand-ins have less)
+        model.max_model_len = getattr(inner, "max_model_len", model.max_model_len)
+        model.quantization = getattr(getattr(inner, "model_config", None), "quant_method", model.quantization)
         self._observe(loaded)
         _refreeze()
 
