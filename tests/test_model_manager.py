@@ -19,6 +19,7 @@ from conftest import minivllm_command, serve_in_thread
 
 from minivllm.model_manager import ModelManager
 from minivllm.model_registry import ModelsFile, ModelsFileError, load_models_file
+from minivllm.openai.errors import OpenAIError
 from minivllm.openai.serving import OpenAIServing
 from minivllm.server.app import create_app
 
@@ -233,6 +234,20 @@ def test_models_file_errors_name_the_field(tmp_path, text, message):
     with pytest.raises(ModelsFileError) as e:
         load_models_file(str(path))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_models_route_lists_and_retrieves_without_loading():
+    models_file = ModelsFile.model_validate({"preload": False, "models": [
+        {"source": "openai/gpt-oss-20b", "max_model_len": 4096}, {"served_name": "tiny"}]})
+    models = ModelManager(models_file, make_serving=None)
+    listed = asyncio.run(models.dispatch("/v1/models", None, "GET"))
+    assert [(m["id"], m["root"], m["state"]) for m in listed["data"]] == [
+        ("openai/gpt-oss-20b", "openai/gpt-oss-20b", "unloaded"), ("tiny", "tiny", "unloaded")]
+    card = asyncio.run(models.dispatch("/openai/v1/models/openai/gpt-oss-20b", None, "GET"))
+    assert card["id"] == "openai/gpt-oss-20b" and card["max_model_len"] == 4096
+    with pytest.raises(OpenAIError) as e:
+        asyncio.run(models.dispatch("/v1/models/nope", None, "GET"))
+    assert e.value.status_code == 404 and e.value.code == "model_not_found"
 
 
 def test_engine_flags_beside_the_file_are_defaults(tmp_path):

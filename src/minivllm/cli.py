@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("MINIVLLM_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $MINIVLLM_API_KEY)")
     serve.add_argument("--served-model-name", help="the model id clients use (default: MODEL as given)")
-    serve.add_argument("--models", metavar="FILE.yaml",
+    serve.add_argument("--models", metavar="FILE.yaml", default=os.environ.get("MODELS_FILE") or None,
                        help="serve the models this file lists (loaded on demand, swapped when memory allows "
-                            "one; see the README); engine flags given beside it apply to every model")
+                            "one; see the README); engine flags given beside it apply to every model "
+                            "(default: $MODELS_FILE)")
     serve.add_argument("--response-role", default="assistant", help="role of generated chat messages")
     serve.add_argument("--enable-force-include-usage", action="store_true",
                        help="send usage at the end of every stream, asked for or not")
