@@ -77,35 +77,28 @@ def main() -> None:
     if test_job is None:
         runpod_import.start()
 
-    from minivllm import AsyncEngine
+    from minivllm.model_manager import ModelManager
     from minivllm.worker import make_concurrency_modifier, make_handler, run_test_job
 
-    start = time.perf_counter()
-    loaded: list = []  # the engine, or the error that stopped it
-    loader = threading.Thread(target=_load, args=(AsyncEngine, config, loaded), daemon=True)
-    loader.start()
-    loader.join(config.vllm_startup_timeout)
-    if not loaded:
-        fail(f"the model {config.model or '(embedded default)'} did not load within VLLM_STARTUP_TIMEOUT "
-             f"({config.vllm_startup_timeout:g} s)", hard=True)
-    if isinstance(loaded[0], Exception):
-        fail(f"cannot load model {config.model or '(embedded default)'}: {loaded[0]}")
-    engine = loaded[0]
-    try:
-        from minivllm.openai.serving import OpenAIServing
-
-        serving = OpenAIServing(engine, config.served_model_id, max_model_len=engine.engine.max_model_len,
-                                response_role=config.openai_response_role,
-                                force_include_usage=config.enable_force_include_usage,
-                                chat_template=config.custom_chat_template, limits=config.limits())
-    except Exception as e:
-        fail(f"cannot set up the OpenAI routes: {e}")
-    log.info("model %s ready in %.1f s", config.served_model_id, time.perf_counter() - start)
-    handler = make_handler(engine, serving, config, _batch_service(config, serving, log))
+    models = ModelManager(_models_file(config), _serving_factory(config), limits=config.limits())
+    first = models.default.entry.model or "(embedded default)"
+    if models.settings.preload:
+        start = time.perf_counter()
+        loaded: list = []  # None, or the error that stopped the load
+        loader = threading.Thread(target=_load, args=(models, loaded), daemon=True)
+        loader.start()
+        loader.join(config.vllm_startup_timeout)
+        if not loaded:
+            fail(f"the model {first} did not load within VLLM_STARTUP_TIMEOUT ({config.vllm_startup_timeout:g} s)",
+                 hard=True)
+        if loaded[0] is not None:
+            fail(f"cannot load model {first}: {loaded[0]}")
+        log.info("model %s ready in %.1f s", models.default.name, time.perf_counter() - start)
+    handler = make_handler(None, None, config, _batch_service(config, models, log), models=models)
 
     if test_job is not None:
         ok = asyncio.run(run_test_job(handler, test_job))
-        engine.shutdown()
+        models.shutdown()
         sys.exit(0 if ok else 1)
 
     runpod_import.join()
@@ -122,7 +115,37 @@ def main() -> None:
     })
 
 
-def _batch_service(config, serving, log):
+def _models_file(config):
+    """MODELS_FILE, or the one model of MODEL_NAME & co.; a bad file fails start-up in one line."""
+    from minivllm.config import EngineArgs
+    from minivllm.model_registry import ModelEntry, ModelsFile, ModelsFileError, load_models_file
+
+    if not config.models_file:
+        return ModelsFile(models=[ModelEntry.of(config.engine_args(), config.served_model_id)])
+    engine_args = config.engine_args()  # (download_dir under BASE_PATH)
+    given = {name: getattr(engine_args, name) for name in (config.model_fields_set & set(EngineArgs.model_fields))
+             - {"model"}}
+    if engine_args.download_dir:
+        given["download_dir"] = engine_args.download_dir
+    try:
+        return load_models_file(config.models_file, given)
+    except ModelsFileError as e:
+        fail(f"MODELS_FILE {e}")
+
+
+def _serving_factory(config):
+    def make_serving(engine, name: str, response_store):
+        from minivllm.openai.serving import OpenAIServing
+
+        return OpenAIServing(engine, name, max_model_len=engine.engine.max_model_len,
+                             response_role=config.openai_response_role,
+                             force_include_usage=config.enable_force_include_usage,
+                             chat_template=config.custom_chat_template, limits=config.limits(),
+                             response_store=response_store)
+    return make_serving
+
+
+def _batch_service(config, models, log):
     """The Batch API for jobs, when its store outlives the worker: BATCH_STORE, or SQLite on the
     network volume (BASE_PATH, default /runpod-volume). None otherwise: a batch kept on a worker's
     own disk would vanish with it."""
@@ -132,16 +155,17 @@ def _batch_service(config, serving, log):
     from minivllm.batches.service import BatchService
 
     try:
-        return BatchService.create(serving.dispatch, store_url=config.batch_store,
+        return BatchService.create(models.dispatch, store_url=config.batch_store,
                                    data_dir=os.path.join(volume, "minivllm", "batches"))
     except Exception as e:  # a bad URL, an unreachable database: the rest of the worker still serves
         log.error("Batch API off: its store cannot be opened: %s", e)
         return None
 
 
-def _load(engine_class, config, out: list) -> None:
+def _load(models, out: list) -> None:
     try:
-        out.append(engine_class.from_engine_args(config.engine_args()))
+        models.preload()
+        out.append(None)
     except Exception as e:  # reported by the main thread
         out.append(e)
 

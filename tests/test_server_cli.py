@@ -60,7 +60,7 @@ def test_sigterm_turns_ready_off_first():
 
     from minivllm.server.app import ServerState
 
-    app = SimpleNamespace(state=SimpleNamespace(server=ServerState(engine=None, drain_s=1.0)))
+    app = SimpleNamespace(state=SimpleNamespace(server=ServerState(models=None, drain_s=1.0)))
     server = draining_server(uvicorn.Config(app))
     server.handle_exit(signal.SIGTERM, None)
     assert app.state.server.draining and server.should_exit

@@ -15,18 +15,10 @@ import typing
 from pydantic import ValidationError
 
 from minivllm.config import EngineArgs
-from minivllm.worker.config import DEFAULT_SERVED_MODEL_NAME, repo_id_of
-
+from minivllm.model_registry import served_name_of
 
 logger = logging.getLogger("minivllm.cli")
 
-
-
-def served_name_of(model: str | None) -> str:
-    """The id clients see: the repo id (never a hub snapshot path), the embedded default's name."""
-    if model is None:
-        return DEFAULT_SERVED_MODEL_NAME
-    return repo_id_of(model) or model
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine", "EngineArgs fields (unset flags keep the schema's defaults)")
@@ -74,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("MINIVLLM_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $MINIVLLM_API_KEY)")
     serve.add_argument("--served-model-name", help="the model id clients use (default: MODEL as given)")
+    serve.add_argument("--models", metavar="FILE.yaml", default=os.environ.get("MODELS_FILE") or None,
+                       help="serve the models this file lists (loaded on demand, swapped when memory allows "
+                            "one; see the README); engine flags given beside it apply to every model "
+                            "(default: $MODELS_FILE)")
     serve.add_argument("--response-role", default="assistant", help="role of generated chat messages")
     serve.add_argument("--enable-force-include-usage", action="store_true",
                        help="send usage at the end of every stream, asked for or not")
@@ -145,45 +141,68 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     import uvicorn
 
     from minivllm.batches.service import BatchService
-    from minivllm.engine.async_engine import AsyncEngine
     from minivllm.limits import RequestLimits
+    from minivllm.model_manager import ModelManager
     from minivllm.openai.serving import OpenAIServing
     from minivllm.server.app import create_app
     from minivllm.startup_gc import freeze_startup_objects
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = with_config_and_env(parser, args)
-    engine_args = engine_args_from(parser, args)
+    models_file = models_file_from(parser, args)
     worker = _runpod_worker()
     limits = worker[1].limits() if worker else RequestLimits()  # MAX_N, MAX_LOGPROBS, ... from the environment
+
+    def make_serving(engine, name: str, response_store) -> OpenAIServing:
+        return OpenAIServing(engine, name, max_model_len=engine.engine.max_model_len,
+                             response_role=args.response_role, force_include_usage=args.enable_force_include_usage,
+                             chat_template=args.chat_template, limits=limits, response_store=response_store)
+
+    models = ModelManager(models_file, make_serving, limits=limits)
     try:
-        engine = AsyncEngine.from_engine_args(engine_args)
-        name = args.served_model_name or served_name_of(engine_args.model)
-        serving = OpenAIServing(engine, name, max_model_len=engine.engine.max_model_len,
-                                response_role=args.response_role, force_include_usage=args.enable_force_include_usage,
-                                chat_template=args.chat_template, limits=limits)
+        if models_file.preload:
+            models.preload()
     except (ValueError, OSError, RuntimeError) as e:  # bad model, checkpoint or template: one clear line
         sys.exit(f"minivllm serve: {e}")
     try:
-        batches = BatchService.create(serving.dispatch, store_url=args.batch_store, data_dir=args.data_dir,
-                                      max_in_flight=args.batch_max_in_flight, engine_streams=lambda: engine.num_streams)
+        batches = BatchService.create(models.dispatch, store_url=args.batch_store, data_dir=args.data_dir,
+                                      max_in_flight=args.batch_max_in_flight, engine_streams=lambda: models.num_streams)
     except Exception as e:  # a bad URL, an unreachable database
         sys.exit(f"minivllm serve: batch store: {e}")
-    handler = worker[0](engine, serving, worker[1]) if worker else None
-    app = create_app(engine, serving, api_key=args.api_key, runpod_handler=handler,
+    handler = worker[0](None, None, worker[1], models=models) if worker else None
+    app = create_app(models=models, api_key=args.api_key, runpod_handler=handler,
                      runpod_max_concurrency=worker[1].max_concurrency if worker else None,
                      shutdown_drain_s=args.shutdown_drain_s, max_waiting_requests=args.max_waiting_requests,
                      batches=batches)
     # uvicorn's own limit comes a little after ours: by then every stream was told it was aborted.
     server = draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                             timeout_graceful_shutdown=args.shutdown_drain_s + 5))
-    logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    logger.info("serving %s on http://%s:%d", ", ".join(models.models), args.host, args.port)
     freeze_startup_objects()
     try:
         server.run()
     finally:
-        engine.shutdown()
+        models.shutdown()
     return 0
+
+
+def models_file_from(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The --models file, or MODEL (and the engine flags) as a one-entry registry; a bad file exits
+    with one line naming it and the field."""
+    from minivllm.model_registry import ModelEntry, ModelsFile, ModelsFileError, load_models_file
+
+    if args.models is None:
+        return ModelsFile(models=[ModelEntry.of(engine_args_from(parser, args), args.served_model_name)])
+    model_flag = any(a == "--model" or a.startswith("--model=") for a in args.argv)
+    if args.model_tag is not None or model_flag or args.served_model_name:
+        parser.error("--models lists the models (and their served names): give no MODEL, --model "
+                     "or --served-model-name beside it")
+    engine_defaults = {name: getattr(args, name) for name in EngineArgs.model_fields
+                       if hasattr(args, name) and name != "model"}  # (MODEL_NAME in the environment)
+    try:
+        return load_models_file(args.models, engine_defaults)
+    except ModelsFileError as e:
+        sys.exit(f"minivllm serve: {e}")
 
 
 def _runpod_worker():

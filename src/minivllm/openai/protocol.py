@@ -281,7 +281,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=_now)
     owned_by: str = "minivllm"
+    root: str | None = None  # what the model was loaded from (vLLM's field): a repo id or folder
     max_model_len: int | None = None
+    state: Literal["loaded", "loading", "unloading", "unloaded"] | None = Field(
+        None, description="With a models file: whether the model is in memory now.")
+    quantization: str | None = Field(None, description="The checkpoint's quantization (mxfp4), None if unquantized.")
 
 
 class ModelList(BaseModel):

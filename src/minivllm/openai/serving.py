@@ -45,9 +45,11 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_name: str, *, max_model_len: int,
                  response_role: str = "assistant", force_include_usage: bool = False,
                  chat_template: str | None = None, max_stored_responses: int = 1000,
-                 max_stored_bytes: int = 256 << 20, limits: RequestLimits | None = None) -> None:
+                 max_stored_bytes: int = 256 << 20, limits: RequestLimits | None = None,
+                 response_store: ResponseStore | None = None) -> None:
         """max_stored_*: the bound of the in-process response store (`store: true`); oldest go first.
-        limits: what one request may ask for (n, logprobs, stop strings, tools)."""
+        limits: what one request may ask for (n, logprobs, stop strings, tools).
+        response_store: a store shared with other models' servings (a ModelManager's)."""
         self.engine = engine
         self.served_model_name = served_model_name
         self.max_model_len = max_model_len
@@ -57,7 +59,8 @@ class OpenAIServing:
                                 limits=self.limits)
         self.completion = CompletionServing(engine, served_model_name, max_model_len,
                                             force_include_usage=force_include_usage, limits=self.limits)
-        self.responses = ResponsesServing(self.chat, ResponseStore(max_stored_responses, max_stored_bytes))
+        self.responses = ResponsesServing(self.chat, response_store or ResponseStore(max_stored_responses,
+                                                                                   max_stored_bytes))
         from minivllm.anthropic.serving import AnthropicServing  # here: minivllm.anthropic imports this package
 
         self.anthropic = AnthropicServing(self.chat)
@@ -79,17 +82,7 @@ class OpenAIServing:
     async def dispatch(self, route: str, body: dict | None, method: str | None = None) -> dict | AsyncIterator[dict]:
         """`method`: checked against the route when given (a route job's); it also tells the two
         meanings of one path apart (DELETE /v1/responses/{id})."""
-        path = _normalize(route)
-        if method is not None:
-            allowed = allowed_methods(path)
-            if allowed and method.upper() not in allowed:
-                error = OpenAIError(f"{method.upper()} is not allowed on {route}: use {' or '.join(sorted(allowed))}.",
-                                    405, code="method_not_allowed")
-                if path.startswith("/messages"):
-                    from minivllm.anthropic.errors import AnthropicError  # (a cycle at import time)
-
-                    error = AnthropicError.of(error)
-                raise error
+        path = check_route(route, method)
         if path.startswith("/responses/"):
             return await self.responses.handle(path[len("/responses/"):], body, method and method.upper())
         if path in ("/messages", "/messages/count_tokens"):
@@ -101,9 +94,6 @@ class OpenAIServing:
             if name != self.served_model_name:
                 raise not_found(f"The model `{name}` does not exist.", code="model_not_found")
             return ModelCard(id=name, max_model_len=self.max_model_len).model_dump()
-        if path not in self._routes:
-            raise not_found(f"Unknown route {route!r}: this server serves /v1/models, /v1/chat/completions, "
-                            f"/v1/completions, /v1/responses and /v1/messages.", code="unknown_url")
         request_type, handler = self._routes[path]
         if not isinstance(body, dict) or not body:
             raise bad_request(f"{path[1:]} needs a JSON object as the request body.")
@@ -119,6 +109,28 @@ class OpenAIServing:
         return ModelList(data=[ModelCard(id=self.served_model_name, max_model_len=self.max_model_len)]).model_dump()
 
 
+def check_route(route: str, method: str | None) -> str:
+    """The normalized path of a route this server serves. OpenAIError 404 for an unknown route;
+    405 when `method` (a route job's, or HTTP's) is not the route's."""
+    path = _normalize(route)
+    allowed = allowed_methods(path)
+    if not allowed:
+        raise not_found(f"Unknown route {route!r}: this server serves /v1/models, /v1/chat/completions, "
+                        f"/v1/completions, /v1/responses and /v1/messages.", code="unknown_url")
+    if method is not None and method.upper() not in allowed:
+        error = OpenAIError(f"{method.upper()} is not allowed on {route}: use {' or '.join(sorted(allowed))}.",
+                            405, code="method_not_allowed")
+        raise anthropic_error(error) if path.startswith("/messages") else error
+    return path
+
+
+def anthropic_error(error: OpenAIError) -> OpenAIError:
+    """The same error in Anthropic's shape (the Messages routes answer with it)."""
+    from minivllm.anthropic.errors import AnthropicError  # (a cycle at import time)
+
+    return AnthropicError.of(error)
+
+
 def _normalize(route: str) -> str:
     """'/openai/v1/chat/completions', '/v1/chat/completions', 'chat/completions' -> '/chat/completions'."""
     path = "/" + route.split("?", 1)[0].strip().strip("/")
@@ -130,7 +142,7 @@ def _normalize(route: str) -> str:
 
 def allowed_methods(path: str) -> frozenset[str]:
     """The HTTP methods a (normalized) route answers; empty for a route this server lacks."""
-    if path in ("/models", "/models/") or (path.startswith("/models/") and path.count("/") == 2):
+    if path == "/models" or path.startswith("/models/"):  # ids may hold a slash: openai/gpt-oss-20b
         return frozenset({"GET"})
     if path in ("/chat/completions", "/completions", "/responses", "/messages", "/messages/count_tokens"):
         return frozenset({"POST"})

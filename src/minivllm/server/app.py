@@ -35,6 +35,7 @@ from minivllm.anthropic import error_body, is_anthropic_route
 from minivllm.anthropic.protocol import CountTokensRequest, CountTokensResponse, MessagesRequest, MessagesResponse
 from minivllm.engine.async_engine import AsyncEngine
 from minivllm.input_checks import parse_json
+from minivllm.model_manager import ModelManager
 from minivllm.openai.base import random_id
 from minivllm.openai.errors import ErrorResponse, OpenAIError
 from minivllm.openai.protocol import (
@@ -60,14 +61,17 @@ PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})  # never behind the 
 
 class ServerState:
     """/ready is 200 only after a warm-up request ran, and 503 again once draining (SIGTERM).
+    A server that starts idle (a models file with `preload: false`) is ready at once: its first
+    request loads the model and waits for it, and a readiness gate on a loaded model would keep
+    away the very request that loads one.
 
     Draining: new requests get 503, running ones have ``drain_s`` seconds to finish; then RunPod
     jobs still running fail with a message and engine requests still running are aborted, so
     their streams end with finish_reason "abort" instead of being cut.
     """
 
-    def __init__(self, engine: AsyncEngine, drain_s: float, jobs=None) -> None:
-        self.engine = engine
+    def __init__(self, models: ModelManager, drain_s: float, jobs=None) -> None:
+        self.models = models
         self.drain_s = drain_s
         self.jobs = jobs  # RunPodJobs, when the RunPod emulation is mounted
         self.warmed_up = False
@@ -93,9 +97,9 @@ class ServerState:
         if self.jobs is not None:
             await self.jobs.drain(self.drain_deadline)
         loop = asyncio.get_running_loop()
-        while self.engine.num_streams and loop.time() < self.drain_deadline:
+        while self.models.num_streams and loop.time() < self.drain_deadline:
             await asyncio.sleep(0.05)
-        stopped = self.engine.abort_all()
+        stopped = self.models.abort_all()
         if stopped:
             logger.warning("drain limit (%.0f s) reached: aborted %d running request(s)", self.drain_s, stopped)
 
@@ -105,13 +109,17 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.warmed_up and not self.draining and self.engine.is_running
+        return self.warmed_up and not self.draining and self.models.is_running
 
     async def warm_up(self) -> None:
-        """One tiny request through the engine: the first step pays one-time costs, not a user."""
+        """One tiny request through the preloaded engine: the first step pays one-time costs, not a user."""
+        loaded = self.models.default.loaded
+        if loaded is None:  # started idle: nothing to warm up
+            self.warmed_up = True
+            return
         try:
             params = SamplingParams(max_tokens=1, temperature=0.0)
-            stream = self.engine.generate({"prompt_token_ids": [0, 1]}, params, random_id("warmup-"))
+            stream = loaded.engine.generate({"prompt_token_ids": [0, 1]}, params, random_id("warmup-"))
             async with aclosing(stream):
                 async for _ in stream:
                     pass
@@ -122,23 +130,27 @@ class ServerState:
         logger.info("warm-up done: ready")
 
 
-def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | None = None,
+def create_app(engine: AsyncEngine | None = None, serving: OpenAIServing | None = None, *,
+               models: ModelManager | None = None, api_key: str | None = None,
                runpod_handler=None, runpod_max_concurrency: int | None = None,
                shutdown_drain_s: float = 30.0, max_waiting_requests: int | None = None,
                batches=None) -> FastAPI:
-    """max_waiting_requests: past this many queued requests (submitted, no output yet), new OpenAI
+    """One model (`engine` and its `serving`) or several (`models`, a ModelManager).
+    max_waiting_requests: past this many queued requests (submitted, no output yet), new OpenAI
     requests get 503 + Retry-After so a load balancer or autoscaler can react; RunPod jobs are never
     refused (the platform queues them). None: no limit, as in vLLM.
     batches: a BatchService (the Files and Batches API and its runner), or None."""
     jobs = RunPodJobs(runpod_handler, runpod_max_concurrency) if runpod_handler is not None else None
-    state = ServerState(engine, shutdown_drain_s, jobs)
-    metrics = ServerMetrics(engine, serving.served_model_name)
-    serving.request_observer = metrics.track_request
+    models = models or ModelManager.serving_one(engine, serving)
+    state = ServerState(models, shutdown_drain_s, jobs)
+    metrics = ServerMetrics(models)
+    models.request_observer = metrics.track_request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.loop = asyncio.get_running_loop()
         warm_up = asyncio.create_task(state.warm_up())
+        await models.start()
         if batches is not None:
             await batches.start()
         yield
@@ -148,13 +160,13 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
         await state.drained()  # RunPod jobs are background tasks: uvicorn itself never waits for them
 
     app = FastAPI(title="mini-vLLM", lifespan=lifespan)
-    app.state.server, app.state.metrics, app.state.serving, app.state.batches = state, metrics, serving, batches
+    app.state.server, app.state.metrics, app.state.models, app.state.batches = state, metrics, models, batches
 
     @app.get("/health", tags=["Server"], response_class=Response,
-             responses={200: {"description": "The engine is running (empty body)."},
+             responses={200: {"description": "No loaded engine has stopped (empty body)."},
                         503: {"model": ServerStatus, "description": "The engine is not running."}})
     async def health() -> Response:
-        if engine.is_running:
+        if models.is_running:
             return Response(status_code=200)
         return JSONResponse({"status": "engine is not running"}, status_code=503)
 
@@ -164,7 +176,7 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
     async def ready() -> Response:
         if state.ready:
             return JSONResponse({"status": "ready"})
-        reason = "draining" if state.draining else "warming up" if engine.is_running else "engine is not running"
+        reason = "draining" if state.draining else "warming up" if models.is_running else "engine is not running"
         return JSONResponse({"status": reason}, status_code=503)
 
     @app.get("/metrics", tags=["Server"], response_class=Response,
@@ -178,9 +190,9 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
             raise OpenAIError("The server is shutting down: send the request again later.", 503)
         admission = None
         if request.method == "POST" and max_waiting_requests is not None:
-            admission = engine.admit(max_waiting_requests)
+            admission = models.admit(max_waiting_requests)
             if admission is None:
-                error = OpenAIError(f"The server is at capacity ({engine.num_queued} requests waiting, the limit "
+                error = OpenAIError(f"The server is at capacity ({models.num_queued} requests waiting, the limit "
                                     f"is {max_waiting_requests}): retry shortly.", 503)
                 return _error_response(request, error, headers={"Retry-After": "1"})
         try:
@@ -199,7 +211,7 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
     async def _openai_response(request: Request, route: str) -> Response:
         body = None
         if request.method == "POST":
-            limit = serving.limits.max_prompt_bytes
+            limit = models.limits.max_prompt_bytes
             declared = request.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:  # refused before reading it
                 raise _too_large(int(declared), limit)
@@ -211,7 +223,7 @@ def create_app(engine: AsyncEngine, serving: OpenAIServing, *, api_key: str | No
                     body = parse_json(raw) if len(raw) < BIG_BODY_BYTES else await asyncio.to_thread(parse_json, raw)
                 except ValueError as e:
                     raise OpenAIError(str(e), 400) from None
-        result = await _unless_disconnected(request, serving.dispatch(route, body, request.method))
+        result = await _unless_disconnected(request, models.dispatch(route, body, request.method))
         if result is None:  # the client left; nobody reads this
             return Response(status_code=499)
         if isinstance(result, dict):

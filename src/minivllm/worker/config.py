@@ -79,6 +79,10 @@ class WorkerConfig(EngineArgs, RequestLimits):
     batch_store: str | None = Field(
         None, description="Batch API store (postgresql://...; default: SQLite on the network volume at BASE_PATH, "
                           "when one is mounted): jobs then reach /v1/files and /v1/batches.")
+    models_file: str | None = Field(
+        None, description="A models file (YAML, as `minivllm serve --models`): several models behind this worker, "
+                          "picked by each job's `model`; MODEL_NAME and the other engine settings then apply to "
+                          "every model that does not set them.")
     request_timeout: float = Field(3600.0, gt=0, description="Seconds one job may run before it fails (worker-vllm's).")
     vllm_startup_timeout: float = Field(
         1200.0, gt=0, description="Seconds the model may take to load before the worker exits with an error.")

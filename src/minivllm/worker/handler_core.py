@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from minivllm.engine.async_engine import AsyncEngine
 from minivllm.limits import LimitError
+from minivllm.model_manager import ModelManager
 from minivllm.worker.config import WorkerConfig
 from minivllm.worker.errors import job_error
 from minivllm.worker.job_input import JobInput, JobInputError
@@ -23,17 +24,19 @@ from minivllm.worker.openai_engine import OpenAIEngine
 logger = logging.getLogger(__name__)
 
 
-def make_handler(engine: AsyncEngine, serving, config: WorkerConfig | None = None, batches=None
-                 ) -> Callable[[dict], AsyncIterator[Any]]:
-    """``handler(job)``: an async generator of output batches for ``{"id", "input"}``;
-    ``batches`` (a BatchService) answers /v1/files and /v1/batches jobs.
+def make_handler(engine: AsyncEngine | None, serving, config: WorkerConfig | None = None, batches=None, *,
+                 models: ModelManager | None = None) -> Callable[[dict], AsyncIterator[Any]]:
+    """``handler(job)``: an async generator of output batches for ``{"id", "input"}``, on one
+    model (``engine`` and its ``serving``, which may be None: no OpenAI routes) or on the
+    ModelManager ``models``; ``batches`` (a BatchService) answers /v1/files and /v1/batches jobs.
 
     Never raises for a bad job: it yields ``{"error": ...}`` (RunPod then fails the job). When its
     task is cancelled, the engine request is aborted before the CancelledError propagates.
     """
     config = config or WorkerConfig()
-    native = NativeEngine(engine, config)
-    openai = OpenAIEngine(serving, config, batches)
+    # One model: its serving answers OpenAI jobs as it is (anything with dispatch()).
+    openai = OpenAIEngine(serving if models is None else models, config, batches)
+    native = NativeEngine(models or ModelManager.serving_one(engine, serving), config)
 
     async def handler(job: dict) -> AsyncIterator[Any]:
         raw = job.get("input") if isinstance(job, dict) else None

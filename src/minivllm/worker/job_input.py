@@ -44,7 +44,7 @@ _SamplingParamsInput = _sampling_params_schema()
 
 
 _SHAPES = {
-    "native": ("prompt", "messages", "sampling_params", "stream", "apply_chat_template"),
+    "native": ("prompt", "messages", "sampling_params", "stream", "apply_chat_template", "model"),
     "openai": ("openai_route", "openai_input"),
     "route": ("route", "body", "method"),
 }
@@ -59,6 +59,7 @@ class JobInput(BaseModel):
     sampling_params: dict[str, Any] | None = None
     stream: bool = False
     apply_chat_template: bool = False
+    model: str | None = None  # native jobs: a served name of the models file (absent: the first model)
     max_batch_size: int | None = Field(None, ge=1)
     min_batch_size: int | None = Field(None, ge=1)
     batch_size_growth_factor: float | None = Field(None, gt=0)
