@@ -188,7 +188,8 @@ class GptOssForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = GptOssModel(config, dtype, ops)
-        vocab_shard = shard(config.vocab_size, tp_rank(), tp_size()) if tp_size() > 1 else None
+        self.gather = tp_size() > 1  # fixed at construction, like every tp choice of the model
+        vocab_shard = shard(config.vocab_size, tp_rank(), tp_size()) if self.gather else None
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, out_shard=vocab_shard)
         inv_freq, scale = config.yarn_inv_freq_and_scale()
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
@@ -209,4 +210,4 @@ class GptOssForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(T, vocab) float32 logits; under tp, on rank 0 only (gathered from the vocab shards)."""
         logits = self.lm_head(hidden).float()
-        return gather_vocab(logits, self.config.vocab_size) if tp_size() > 1 else logits
+        return gather_vocab(logits, self.config.vocab_size) if self.gather else logits
