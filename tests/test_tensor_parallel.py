@@ -4,6 +4,7 @@ the weights per rank, and fails fast and clearly when a rank dies or tp does not
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import mixed_prompts
 from minivllm import LLM, AsyncEngine, EngineArgs, SamplingParams
 from minivllm.distributed.parallel_state import shard
 from minivllm.distributed.workers import TensorParallelError
+from minivllm.engine.async_engine import EngineDeadError
 
 # Small enough that prompts are prefilled in 5-token chunks and sequences get preempted, with
 # shared prefixes hitting the prefix cache: all three paths in one run.
@@ -151,21 +153,32 @@ def test_a_killed_rank_fails_the_engine_fast(tiny_mxfp4):
 def test_a_rank_dying_mid_step_stops_the_async_engine(tiny_mxfp4):
     engine = AsyncEngine.from_engine_args(EngineArgs(model=tiny_mxfp4, tensor_parallel_size=2, num_kv_blocks=32,
                                                      max_model_len=64))
+    workers = engine.engine.runner.workers
+    send = workers.send
+
+    def send_then_kill(header):  # rank 1 dies after taking the step: rank 0 is left in a collective
+        send(header)
+        if header[0] == "logits" and killed.is_set():
+            os.kill(workers.procs[0].pid, signal.SIGKILL)
+            workers.procs[0].join(5)
 
     async def run(prompt):
         async for out in engine.generate({"prompt_token_ids": prompt}, GREEDY):
             last = out
         return last
 
+    killed = threading.Event()
+    workers.send = send_then_kill
     try:
         assert len(asyncio.run(run([1, 2, 3])).outputs[0].token_ids) == GREEDY.max_tokens
-        os.kill(engine.engine.runner.workers.procs[0].pid, signal.SIGKILL)
+        killed.set()
         start = time.monotonic()
-        with pytest.raises(Exception):
+        with pytest.raises(EngineDeadError):
             asyncio.run(asyncio.wait_for(run([4, 5, 6]), 20))
         assert time.monotonic() - start < 10
         assert not engine.is_running  # /health answers 503
-        assert isinstance(engine.last_error, TensorParallelError) and "rank 1 died" in str(engine.last_error)
+        assert isinstance(engine.last_error, TensorParallelError)
+        assert "rank 1 died (exit code -9)" in str(engine.last_error)
     finally:
         engine.shutdown()
 
