@@ -84,13 +84,17 @@ class TestTp2AgainstTp1:
         assert any(o.num_cached_tokens > 0 for o in out2)
 
 
-    def test_tp2_abort_and_n2_sampling(self, engines):
+    def test_tp2_abort_n2_and_logprobs(self, engines):
         tp1, tp2 = engines
         prompts = _prompts()[:3]
-        sampled = SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=10)
-        expected = [[c.token_ids for c in o.outputs] for o in tp1.generate(prompts, sampled, use_tqdm=False)]
-        got = [[c.token_ids for c in o.outputs] for o in tp2.generate(prompts, sampled, use_tqdm=False)]
-        assert got == expected and all(len(choices) == 2 for choices in got)
+        sampled = SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=10, logprobs=3, prompt_logprobs=3)
+        expected, got = (llm.generate(prompts, sampled, use_tqdm=False) for llm in (tp1, tp2))
+        assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in expected]
+        assert all(len(o.outputs) == 2 for o in got)
+        for a, b in zip(expected, got):  # prompt logprobs take the rank-0 logits path in slices
+            for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+                assert pa.keys() == pb.keys()
+                assert all(abs(pa[t].logprob - pb[t].logprob) < 1e-4 for t in pa)
 
         engine = tp2.engine
         engine.add_request("gone", prompts[0], GREEDY)
