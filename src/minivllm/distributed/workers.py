@@ -57,6 +57,7 @@ class Workers:
         ctx = mp.get_context("spawn")
         self.procs, self.pipes = [], []
         self.error: TensorParallelError | None = None
+        self.joined = False
         store = parallel_state.make_store(0, self.size)
         for rank in range(1, self.size):
             ours, theirs = ctx.Pipe()
@@ -72,6 +73,7 @@ class Workers:
         try:
             self._wait_for_ranks(store)
             parallel_state.init_group(0, self.size, store, backend, COLLECTIVE_TIMEOUT_S)
+            self.joined = True
         except Exception as e:
             error = self.failure(e)
             self.close()
@@ -82,7 +84,8 @@ class Workers:
         deadline = time.monotonic() + parallel_state.RENDEZVOUS_TIMEOUT_S
         while store.add("joined", 0) < self.size - 1:
             if any(not proc.is_alive() for proc in self.procs):
-                raise RuntimeError("a rank exited before joining the group")
+                raise RuntimeError("it exited before joining the group; a script that starts a tp > 1 engine "
+                                   "needs the `if __name__ == \"__main__\":` guard, as ranks are spawned processes")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the ranks did not start within {parallel_state.RENDEZVOUS_TIMEOUT_S:g} s")
             time.sleep(0.05)
@@ -104,7 +107,7 @@ class Workers:
         dead = [(rank, proc) for rank, proc in enumerate(self.procs, start=1) if not proc.is_alive()]
         if dead:
             rank, proc = dead[0]
-            reported = self._reported_error(rank)
+            reported = self._reported_error(rank) or (str(cause) if not self.joined else None)
             msg = (f"tensor-parallel rank {rank} died (exit code {proc.exitcode})"
                    + (f": {reported}" if reported else "") + "; the engine cannot continue")
         else:
