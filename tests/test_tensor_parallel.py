@@ -15,6 +15,7 @@ from minivllm import LLM, AsyncEngine, EngineArgs, SamplingParams
 from minivllm.distributed.parallel_state import shard
 from minivllm.distributed.workers import TensorParallelError
 from minivllm.engine.async_engine import EngineDeadError
+from minivllm.model.tiny import write_tiny_checkpoint
 
 # Small enough that prompts are prefilled in 5-token chunks and sequences get preempted, with
 # shared prefixes hitting the prefix cache: all three paths in one run.
@@ -31,7 +32,14 @@ def one_thread_per_rank():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="class", params=["tiny_mxfp4", "tiny_dense"])
+@pytest.fixture(scope="session")
+def tiny_uneven(tmp_path_factory):
+    """Shards that split unevenly at tp=2: 3 MXFP4 blocks of expert intermediate, an odd vocabulary."""
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-uneven"), seed=3, intermediate_size=96,
+                                 vocab_size=200001, sliding_window=16)
+
+
+@pytest.fixture(scope="class", params=["tiny_mxfp4", "tiny_dense", "tiny_uneven"])
 def engines(request):
     """(tp=1 LLM, tp=2 LLM) on one checkpoint, both with STRESS's settings. Class-scoped: the
     tp=2 engine is shut down before the tests below start theirs (one group per process)."""
