@@ -41,8 +41,9 @@ class TensorParallelDriver:
         return self.model.compute_logits(broadcast(hidden))
 
     def _guarded(self, fn, *args):
-        """A collective that fails (a rank died mid-step) becomes TensorParallelError."""
+        """Any error mid-step is fatal: a failed collective (a rank died), or one of rank 0's own,
+        which leaves the other ranks waiting in a collective that the next step would mismatch."""
         try:
             return fn(*args)
-        except RuntimeError as e:
+        except BaseException as e:
             raise self.workers.failure(e) from e
