@@ -136,6 +136,17 @@ def test_tp_must_divide_the_kv_heads(tiny_mxfp4):
             LLM(tiny_mxfp4, tensor_parallel_size=tp, num_kv_blocks=16)
 
 
+def test_tensor_parallel_size_reaches_the_engine_from_env_and_cli():
+    from minivllm.cli import build_parser, engine_args_from
+    from minivllm.worker.config import WorkerConfig
+
+    env = WorkerConfig.load({"TENSOR_PARALLEL_SIZE": "2"}, local_args_path="/nonexistent.json")
+    assert env.engine_args().tensor_parallel_size == 2
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--tensor-parallel-size", "4"])
+    assert engine_args_from(args.parser, args).tensor_parallel_size == 4
+
+
 def test_shards_cover_whole_mxfp4_blocks():
     # gpt-oss: intermediate 2880 = 90 MXFP4 blocks; tp 4 and 8 do not divide 90.
     for tp in (1, 2, 4, 8):

@@ -41,7 +41,8 @@ class ModelRunner:
         load_weights(self.model, model_path)
         self.num_blocks = min_over_ranks(self._num_kv_blocks(args, config), self.device)
         self.kv_cache = torch.zeros(config.num_hidden_layers, 2, self.num_blocks, self.block_size,
-                                    config.num_key_value_heads // tp, config.head_dim, dtype=self.dtype, device=self.device)
+                                    config.num_key_value_heads // tp, config.head_dim, dtype=self.dtype,
+                                    device=self.device)
         if self.workers is not None:
             self.model = TensorParallelDriver(self.model, self.workers)
         self.graphs = self._capture_graphs(args, config, max_model_len)
