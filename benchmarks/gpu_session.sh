@@ -32,3 +32,6 @@ step gpu_tensor_parallel 120 python -m pytest -q -rs tests/test_tensor_parallel.
 step bench_moe 90 python benchmarks/bench_moe_gpu.py --profile
 step bench_attention 90 python benchmarks/bench_attention_gpu.py --json "$OUT/attention.json"
 step bench_engine 420 python benchmarks/bench_gpu.py --profile --out "$OUT/bench_gpu.json"
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # decode tok/s at tp 2, to set beside tp 1's above
+    step bench_engine_tp2 300 python benchmarks/bench_gpu.py --skip-hf --tensor-parallel-size 2 --out "$OUT/bench_gpu_tp2.json"
+fi
