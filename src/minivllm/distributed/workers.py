@@ -13,6 +13,7 @@ TensorParallelError names the rank, its exit code and the error it reported, if 
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 import torch.multiprocessing as mp
@@ -58,6 +59,7 @@ class Workers:
         self.procs, self.pipes = [], []
         self.error: TensorParallelError | None = None
         self.joined = False
+        self._stop = weakref.finalize(self, _stop, self.procs, self.pipes)
         store = parallel_state.make_store(0, self.size)
         for rank in range(1, self.size):
             ours, theirs = ctx.Pipe()
@@ -123,20 +125,24 @@ class Workers:
             return None
 
     def close(self) -> None:
-        """Stop the workers (politely, then by force) and leave the group."""
-        if self.error is None:
-            try:
-                for pipe in self.pipes:
-                    pipe.send(("stop",))
-            except OSError:
-                pass
-        for proc in self.procs:
-            proc.join(timeout=JOIN_TIMEOUT_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        for pipe in self.pipes:
-            pipe.close()
-        parallel_state.destroy_group()
+        """Stop the workers and leave the group (also run when this object is collected, e.g. after
+        rank 0 failed to load its shard, and at exit)."""
+        self._stop()
         self.error = self.error or TensorParallelError("the tensor-parallel workers were shut down")
 
+
+def _stop(procs: list, pipes: list) -> None:
+    """Ask each worker to stop; kill the ones that do not within JOIN_TIMEOUT_S (stuck in a collective)."""
+    for pipe in pipes:
+        try:
+            pipe.send(("stop",))
+        except OSError:
+            pass
+    for proc in procs:
+        proc.join(timeout=JOIN_TIMEOUT_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for pipe in pipes:
+        pipe.close()
+    parallel_state.destroy_group()
