@@ -129,6 +129,13 @@ class TestTp2AgainstTp1:
         assert kv2.shape[4] == config.num_key_value_heads // 2 and kv2.numel() * 2 == kv1.numel()
 
 
+def test_tp1_never_touches_torch_distributed(tiny_mxfp4):
+    llm = LLM(tiny_mxfp4, num_kv_blocks=16, max_model_len=64)
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY, use_tqdm=False)
+    assert llm.engine.runner.workers is None and not torch.distributed.is_initialized()
+    assert not any(hasattr(p, "tp_shard") for p in llm.engine.runner.model.parameters())
+
+
 def test_tp_must_divide_the_kv_heads(tiny_mxfp4):
     # tiny_mxfp4 has 4 query heads and 2 KV heads.
     for tp in (3, 4):
