@@ -150,6 +150,7 @@ def bench_ours(path: str, s: dict, profile: bool) -> dict:
                         "itl_p50_ms": percentile(gaps, 0.5) * 1e3, "itl_p95_ms": percentile(gaps, 0.95) * 1e3}
     if profile:
         results["profile"] = profile_decode(llm, s)
+    engine.shutdown()  # tp > 1: stops the worker ranks
     del llm, engine
     return results
 
@@ -234,8 +235,11 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-attn", default="eager", help="transformers attn_implementation (eager, flex_attention...)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="our engine's ranks (GPUs)")
     args = ap.parse_args()
     s = SETTINGS["tiny" if args.tiny else "full"]
+    s = dict(s, tensor_parallel_size=args.tensor_parallel_size,
+             engine_args=dict(s["engine_args"], tensor_parallel_size=args.tensor_parallel_size))
     if args.model:
         path = args.model
     elif args.tiny:

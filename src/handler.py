@@ -68,9 +68,6 @@ def main() -> None:
     test_job = local_test_job(sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("minivllm.worker")
-    if config.tensor_parallel_size > 1:
-        log.warning("TENSOR_PARALLEL_SIZE=%d ignored: this engine runs the model on one GPU",
-                    config.tensor_parallel_size)
 
     # import runpod takes ~2 s: do it while the model loads.
     runpod_import = threading.Thread(target=_import_runpod, daemon=True)

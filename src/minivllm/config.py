@@ -40,6 +40,8 @@ class EngineArgs(BaseModel):
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
     seed: int = Field(0, description="Seed of the engine's global random generator.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=8, description="GPUs (ranks) the model is split across, one node; the engine process is rank 0.")
     ops_backend: Literal["auto", "reference", "kernels"] = Field(
         "auto", description="auto: compiled kernels where available; reference: pure torch; kernels: kernels or fail.")
     # str first: the CLI flag and the env var give JSON text; a dict comes from Python or a config file.

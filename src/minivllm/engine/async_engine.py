@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from minivllm.config import EngineArgs
+from minivllm.distributed.workers import TensorParallelError
 from minivllm.engine.llm_engine import LLMEngine, PromptType
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
@@ -156,6 +157,7 @@ class AsyncEngine:
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     # ---- engine thread ------------------------------------------------------------------------
     def _send(self, message: tuple) -> None:
@@ -172,7 +174,7 @@ class AsyncEngine:
                     continue
                 try:
                     outputs = self.engine.step()
-                except (KeyboardInterrupt, SystemExit):
+                except (KeyboardInterrupt, SystemExit, TensorParallelError):  # fatal: /health turns 503
                     raise
                 except BaseException as e:  # also a Rust panic; every request failed alone too
                     logger.exception("engine step failed")

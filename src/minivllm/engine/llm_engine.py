@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from minivllm.config import EngineArgs, GptOssConfig
+from minivllm.distributed.workers import TensorParallelError
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.sampler import Sampler, SampleResult
@@ -57,6 +58,10 @@ class LLMEngine:
         self.sampler = Sampler(sorted(self.eos_token_ids), torch.Generator(self.runner.device).manual_seed(args.seed))
         self.requests: dict[str, Request] = {}
         self.failed: list[tuple[str, Exception]] = []
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to stop at tp=1)."""
+        self.runner.shutdown()
 
     # ---- requests -----------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -139,6 +144,8 @@ class LLMEngine:
         groups = _by_request(batch)
         try:
             work = self._execute(batch)
+        except TensorParallelError:  # a rank died: no request can run any more
+            raise
         except Exception as error:
             if len(groups) == 1:
                 self._fail_request(batch[0][0].request, error)

@@ -13,6 +13,9 @@ import numpy as np
 import torch
 
 from minivllm.config import EngineArgs, GptOssConfig
+from minivllm.distributed.driver import TensorParallelDriver
+from minivllm.distributed.parallel_state import min_over_ranks
+from minivllm.distributed.workers import Workers
 from minivllm.engine.cuda_graphs import DecodeGraphs, uncapturable_ops
 from minivllm.engine.sequence import Sequence
 from minivllm.model.gpt_oss import GptOssForCausalLM
@@ -23,7 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs, config: GptOssConfig, model_path: str, max_model_len: int):
+    def __init__(self, args: EngineArgs, config: GptOssConfig, model_path: str, max_model_len: int,
+                 rank: int = 0):
+        # Tensor parallelism: rank 0 (this engine) starts ranks 1.. first; each builds a ModelRunner
+        # of its own (rank > 0) holding its shard of the weights and of the KV heads.
+        tp = args.tensor_parallel_size
+        self.workers = Workers(args, config, model_path, max_model_len) if tp > 1 and rank == 0 else None
         self.device = args.resolved_device()
         self.dtype = args.resolved_dtype()
         self.block_size = args.block_size
@@ -31,14 +39,17 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = GptOssForCausalLM(config, self.dtype, self.ops, max_positions=max_model_len)
         load_weights(self.model, model_path)
-        self.num_blocks = self._num_kv_blocks(args, config)
+        self.num_blocks = min_over_ranks(self._num_kv_blocks(args, config), self.device)
         self.kv_cache = torch.zeros(config.num_hidden_layers, 2, self.num_blocks, self.block_size,
-                                    config.num_key_value_heads, config.head_dim, dtype=self.dtype, device=self.device)
+                                    config.num_key_value_heads // tp, config.head_dim, dtype=self.dtype,
+                                    device=self.device)
+        if self.workers is not None:
+            self.model = TensorParallelDriver(self.model, self.workers)
         self.graphs = self._capture_graphs(args, config, max_model_len)
         self._block_tables = HostBlockTables(args.max_num_seqs, -(-max_model_len // self.block_size))
 
     def _capture_graphs(self, args: EngineArgs, config: GptOssConfig, max_model_len: int) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or args.enforce_eager:
+        if self.device.type != "cuda" or args.enforce_eager or args.tensor_parallel_size > 1:
             return None
         blocked = uncapturable_ops(self.ops, config)
         if blocked:
@@ -53,7 +64,7 @@ class ModelRunner:
     def _num_kv_blocks(self, args: EngineArgs, config: GptOssConfig) -> int:
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks
-        block_bytes = config.kv_bytes_per_token * self.block_size * self.dtype.itemsize
+        block_bytes = config.kv_bytes_per_token // args.tensor_parallel_size * self.block_size * self.dtype.itemsize
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             # Leave what the other processes use, plus headroom for activations of the largest step.
@@ -65,6 +76,10 @@ class ModelRunner:
             raise ValueError(f"no memory left for the KV cache (budget {budget / 1024**3:.2f} GiB); "
                              "raise gpu_memory_utilization / kv_cache_space_gib or use a smaller model")
         return num_blocks
+
+    def shutdown(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
         """Flatten the step's tokens; returns (input_ids, positions, ctx, rows to sample).

@@ -1,7 +1,9 @@
 """Find a checkpoint (local folder, hub repo, or the embedded tiny default) and load it.
 
 MXFP4 expert tensors are copied as packed u8 and never dequantized here. Every tensor is checked
-against the shape the config implies before any request is served.
+against the shape the config implies before any request is served. Under tensor parallelism each
+rank reads only its slice of each sharded tensor (safetensors' get_slice), so its memory holds
+about 1/tp of the weights.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import torch
 from safetensors import safe_open
 
+from minivllm.distributed.parallel_state import tp_rank
 from minivllm.model.gpt_oss import GptOssForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ def load_weights(model: GptOssForCausalLM, path: str) -> None:
                 if param is None:
                     unexpected.append(name)
                     continue
-                tensor = f.get_tensor(name)
+                tensor = _read(f, name, param)
                 if name.endswith(_TRANSPOSED):
                     tensor = tensor.transpose(-1, -2)
                 _check(name, file, tensor, param)
@@ -88,6 +91,20 @@ def load_weights(model: GptOssForCausalLM, path: str) -> None:
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"checkpoint {path} is missing tensor(s): {', '.join(missing[:5])}{more}")
+
+
+def _read(f, name: str, param: torch.Tensor) -> torch.Tensor:
+    """The tensor, or this rank's slice of it (see `tp_shard` in gpt_oss.py); zeros for a bias
+    that only rank 0 adds."""
+    if getattr(param, "tp_rank0_only", False) and tp_rank() != 0:
+        return torch.zeros(f.get_slice(name).get_shape(), dtype=param.dtype)
+    spec = getattr(param, "tp_shard", None)
+    if spec is None:
+        return f.get_tensor(name)
+    dim, start, end = spec
+    if name.endswith(_TRANSPOSED):  # the checkpoint holds (E, in, out): our dims 1 and 2 swap
+        dim = 3 - dim
+    return f.get_slice(name)[(slice(None),) * dim + (slice(start, end),)]
 
 
 def _check(name: str, file: str, tensor: torch.Tensor, param: torch.Tensor) -> None:

@@ -72,8 +72,6 @@ class WorkerConfig(EngineArgs, RequestLimits):
     openai_response_role: str = Field("assistant", description="Role of chat completion messages.")
     enable_force_include_usage: bool = Field(False, description="Always include usage in OpenAI streams.")
     custom_chat_template: str | None = Field(None, description="Chat template passed to the OpenAI serving layer.")
-    tensor_parallel_size: int = Field(
-        1, ge=1, description="Accepted for worker-vllm compatibility; the engine uses one GPU.")
     base_path: str | None = Field(
         None, description="Storage root (worker-vllm); downloads go to BASE_PATH/huggingface-cache/hub.")
     batch_store: str | None = Field(
