@@ -12,7 +12,7 @@
         gpu_memory_utilization: 0.9
       - source: /models/gpt-oss-120b
         served_name: gpt-oss-120b
-        max_num_seqs: 64                # any engine arg (EngineArgs' fields)
+        tensor_parallel_size: 2         # any engine arg (EngineArgs' fields)
 
 A bad file is one ModelsFileError whose message names the file and the field.
 """
@@ -44,7 +44,6 @@ class ModelEntry(EngineArgs):
     model: str | None = Field(None, validation_alias="source",
                               description="HF repo id or local folder; absent: the embedded tiny random GPT-OSS.")
     served_name: str | None = Field(None, description="The `model` clients ask for (default: the repo id).")
-    tensor_parallel_size: int = Field(1, ge=1, description="Accepted for vLLM compatibility; the engine uses one GPU.")
 
     @classmethod
     def of(cls, args: EngineArgs, served_name: str | None = None) -> "ModelEntry":
