@@ -135,10 +135,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        groups = _by_request(batch)
         try:
             work = self._execute(batch)
         except Exception as error:
+            groups = _by_request(batch)
             if len(groups) == 1:
                 self._fail_request(batch[0][0].request, error)
                 return []

@@ -55,8 +55,10 @@ class Sequence:
         self.sent_text_len = 0  # for DELTA outputs: what the caller has already received
         self.sent_token_len = 0
         self.finish_reported = False  # DELTA outputs report a choice's finish once
-        # Read once (the engine asks for it every step; params do not change after submission).
+        # Read once (the engine asks for them every step; params do not change after submission).
         self.stop_buffer_length = params.stop_buffer_length
+        # Greedy with no logits adjustment and no logprobs: the argmax is the whole answer.
+        self.plain_greedy = params.greedy and params.logprobs is None and not params.adjusts_logits
         # Waiting-queue order: lower priority value first, then arrival (preempted ones keep theirs).
         self.sort_key = (request.priority, next(_arrival_counter))
 
