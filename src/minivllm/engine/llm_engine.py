@@ -13,7 +13,7 @@ from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.sampler import Sampler, SampleResult
 from minivllm.engine.scheduler import Scheduler
-from minivllm.engine.sequence import Request, Sequence
+from minivllm.engine.sequence import Request, Sequence, SequenceStatus
 from minivllm.engine.spec_decode.ngram import NgramProposer
 from minivllm.engine.spec_decode.rejection_sampler import verify
 from minivllm.model.loader import resolve_model_path
@@ -276,10 +276,11 @@ class LLMEngine:
         """multi: each sequence has a run of tokens (accepted drafts + one) instead of one token."""
         now = time.monotonic()
         touched: dict[str, Request] = {}
+        finished = SequenceStatus.FINISHED
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs):
-            request = seq.request
-            if seq.is_finished:  # its request failed earlier in this step
+            if seq.status is finished:  # its request failed earlier in this step
                 continue
+            request = seq.request
             try:
                 if request.first_token_time is None:
                     request.first_token_time = now
@@ -298,13 +299,14 @@ class LLMEngine:
                 self.scheduler.remove(seq)
             touched[request.request_id] = request
         outputs = []
+        final_only = RequestOutputKind.FINAL_ONLY
         for request in touched.values():
-            finished = request.is_finished
-            if finished:
+            done = request.is_finished
+            if done:
                 self.requests.pop(request.request_id, None)
-            elif request.params.output_kind is RequestOutputKind.FINAL_ONLY:
+            elif request.params.output_kind is final_only:
                 continue
-            outputs.append(self._make_output(request, finished))
+            outputs.append(self._make_output(request, done))
         return outputs
 
     def _append_run(self, seq: Sequence, tokens: list[int], logprobs: list) -> None:
