@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--vocab", type=int, default=1024, help="width of the stub logits")
+    ap.add_argument("--output-kind", choices=["delta", "final_only"], default="delta")
     args = ap.parse_args()
     torch.set_num_threads(1)
     max_model_len = 64 + 2 * args.steps + 64  # the prompt, both timed runs, warm-up
@@ -44,9 +45,10 @@ def main() -> None:
               max_model_len=max_model_len)
     engine = llm.engine
     engine.runner.model = NoWorkModel(args.vocab)
-    # DELTA outputs every step, as the server and the worker consume them.
+    # DELTA (default): an output per request every step, as the server and the worker consume them;
+    # final_only: as LLM.generate runs, outputs only for finished requests.
     params = SamplingParams(temperature=0, max_tokens=2 * args.steps + 10, ignore_eos=True,
-                            output_kind=RequestOutputKind.DELTA)
+                            output_kind=RequestOutputKind[args.output_kind.upper()])
     for i in range(args.num_seqs):
         engine.add_request(str(i), {"prompt_token_ids": [1000 + i] * 64}, params)
     while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
@@ -61,7 +63,8 @@ def main() -> None:
         timings.append(time.perf_counter() - start)
     timings.sort()
     ms = [t * 1e3 for t in timings]
-    print(f"{args.num_seqs} running sequences, {args.steps} decode steps, no-work model (vocab {args.vocab})")
+    print(f"{args.num_seqs} running sequences, {args.steps} decode steps, no-work model (vocab {args.vocab}), "
+          f"{args.output_kind} outputs")
     print(f"per step: median {ms[len(ms) // 2]:.3f} ms, p10 {ms[len(ms) // 10]:.3f} ms, p90 {ms[9 * len(ms) // 10]:.3f} ms")
     print(f"per sequence: {ms[len(ms) // 2] / args.num_seqs * 1e3:.2f} us")
     phases = _time_phases(engine)

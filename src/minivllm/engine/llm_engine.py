@@ -275,8 +275,8 @@ class LLMEngine:
     def _postprocess(self, seqs: list[Sequence], result: SampleResult, multi: bool = False) -> list[RequestOutput]:
         """multi: each sequence has a run of tokens (accepted drafts + one) instead of one token."""
         now = time.monotonic()
-        touched: dict[str, Request] = {}
-        finished = SequenceStatus.FINISHED
+        touched: dict[str, Request] = {}  # the requests that have an output to give this step
+        finished, final_only = SequenceStatus.FINISHED, RequestOutputKind.FINAL_ONLY
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs):
             if seq.status is finished:  # its request failed earlier in this step
                 continue
@@ -297,9 +297,10 @@ class LLMEngine:
                 continue
             if seq.finish_reason is not None:
                 self.scheduler.remove(seq)
+            elif request.params.output_kind is final_only:  # nobody reads it before the end
+                continue
             touched[request.request_id] = request
         outputs = []
-        final_only = RequestOutputKind.FINAL_ONLY
         for request in touched.values():
             done = request.is_finished
             if done:
