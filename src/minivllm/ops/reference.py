@@ -45,7 +45,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 Q_TILE = 512  # queries per tile
 SCORE_TILE = 1 << 19  # queries x keys per tile and head (2 MiB of fp32 scores per head)
 MAX_K_TILE = 8192  # keys per tile even when few queries (decode), bounding the K/V gather
-BATCH_KEYS = 1 << 16  # keys gathered for one padded batch of sequences, all its rows together
+BATCH_KEYS = 1 << 15  # keys gathered for one padded batch of sequences, all rows together (256 windows of 128)
 
 
 def paged_attention(
