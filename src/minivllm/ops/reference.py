@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -249,14 +250,34 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
 
 def moe(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, experts: "Experts",
         top_k: int, swiglu_limit: float, swiglu_alpha: float) -> torch.Tensor:
-    """Mixture of experts, one routed expert at a time; MXFP4 experts are dequantized on the fly."""
+    """Mixture of experts, one routed expert at a time; MXFP4 experts are dequantized on the fly
+    (kept dequantized when small, see `_expert_weights`)."""
     weights, expert_ids = route(x, router_weight, router_bias, top_k)
     out = torch.zeros_like(x)
     for e in expert_ids.unique().tolist():
         tokens, slots = (expert_ids == e).nonzero(as_tuple=True)
-        gate_up_w, down_w = experts.expert_weights(e, x.dtype)
+        gate_up_w, down_w = _expert_weights(experts, e, x.dtype)
         h = F.linear(x[tokens], gate_up_w, experts.gate_up_proj_bias[e])
         y = F.linear(swiglu(h, swiglu_limit, swiglu_alpha), down_w, experts.down_proj_bias[e])
         out.index_add_(0, tokens, y * weights[tokens, slots, None])
     return out
 
+
+
+# A layer's MXFP4 experts are kept dequantized when all of them fit this many bytes: the small
+# checkpoints of tests and CPU runs, where dequantizing again every step was a fifth of a batch-1
+# step. A real model's experts (1.6 GB per gpt-oss-20b layer in bf16) are dequantized per use.
+# Weights are loaded once, before the first forward, so what is kept never goes stale.
+DEQUANTIZED_EXPERTS_BYTES = 64 << 20
+_dequantized: "weakref.WeakKeyDictionary[Experts, dict]" = weakref.WeakKeyDictionary()
+
+
+def _expert_weights(experts: "Experts", e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    num_values = 2 * (experts.gate_up_proj_blocks.numel() + experts.down_proj_blocks.numel()) \
+        if experts.quantized else 0
+    if not num_values or num_values * dtype.itemsize > DEQUANTIZED_EXPERTS_BYTES:
+        return experts.expert_weights(e, dtype)
+    kept = _dequantized.setdefault(experts, {})
+    if (e, dtype) not in kept:
+        kept[e, dtype] = experts.expert_weights(e, dtype)
+    return kept[e, dtype]
