@@ -5,7 +5,7 @@
 
 Workloads (greedy, EOS ignored, so each prompt yields exactly its max_tokens tokens):
   readme   num_prompts prompts of min-len..max-len tokens, max_tokens each
-  mixed    the same prompts, max_tokens drawn per prompt in 8..256: continuous batching retires
+  mixed    the same prompts, max_tokens drawn per prompt in 8..256 (--mixed-range): continuous batching retires
            short requests early, while a static batch runs every row to the longest
   batch1   one prompt at a time (the first 4 prompts, max_tokens each)
 
@@ -30,7 +30,7 @@ def make_prompts(n: int, seed: int, min_len: int, max_len: int) -> list[list[int
     return [torch.randint(0, 199_000, (length,), generator=g).tolist() for length in lengths]
 
 
-def mixed_max_tokens(n: int, seed: int, low: int = 8, high: int = 256) -> list[int]:
+def mixed_max_tokens(n: int, seed: int, low: int, high: int) -> list[int]:
     return torch.randint(low, high + 1, (n,), generator=torch.Generator().manual_seed(seed + 1)).tolist()
 
 
@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--mixed-range", default="8,256", help="LOW,HIGH: the mixed workload's max_tokens range")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1, help="runs per workload and engine, the fastest kept "
                     "(on a busy shared machine, 3 steadies the ratios)")
@@ -105,7 +106,7 @@ def main() -> None:
     prompts = make_prompts(args.num_prompts, args.seed, args.min_len, args.max_len)
     workloads = {
         "readme": (prompts, [args.max_tokens] * len(prompts), False),
-        "mixed": (prompts, mixed_max_tokens(len(prompts), args.seed), False),
+        "mixed": (prompts, mixed_max_tokens(len(prompts), args.seed, *map(int, args.mixed_range.split(","))), False),
         "batch1": (prompts[:BATCH1_PROMPTS], [args.max_tokens] * BATCH1_PROMPTS, True),
     }
     engines = {"minivllm": Ours(path), "transformers": Transformers(path)}
