@@ -127,5 +127,6 @@ def main() -> None:
         ratio = (best["minivllm"][1] / best["minivllm"][0]) / (best["transformers"][1] / best["transformers"][0])
         print(f"{name:<10}speed-up: {ratio:.2f}x", flush=True)
 
+
 if __name__ == "__main__":
     main()
