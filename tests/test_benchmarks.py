@@ -26,7 +26,9 @@ def test_bench_gpu_tiny_mode(tmp_path):
 
 
 def test_bench_offline_and_host_overhead_small():
-    assert "speed-up" in run("benchmarks/bench_offline.py", "--num-prompts", "3", "--max-tokens", "3", "--max-len", "20")
+    out = run("benchmarks/bench_offline.py", "--num-prompts", "3", "--max-tokens", "3", "--max-len", "20",
+              "--mixed-range", "2,5")
+    assert all(f"{workload:<10}speed-up" in out for workload in ("readme", "mixed", "batch1"))
     assert "per step" in run("benchmarks/bench_host_overhead.py", "--num-seqs", "8", "--steps", "5")
 
 

@@ -294,3 +294,28 @@ def test_n_choices_admitted_together_share_prompt_blocks(tiny_mxfp4):
     assert request.seqs[1].block_table[:7] == request.seqs[0].block_table[:7]
     llm.engine.abort_request("n3")
     assert llm.engine.block_manager.num_free_blocks == 64
+
+
+def test_greedy_fast_path_takes_the_first_maximum_like_torch():
+    """The plain-greedy argmax (numpy on the CPU) picks what torch.argmax picks, ties included."""
+    from minivllm.engine.sampler import greedy_tokens
+
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    logits[1, 3] = logits[1, 700] = 50.0  # a tie: the first one wins
+    logits[2] = 0.0  # all equal
+    assert greedy_tokens(logits) == logits.argmax(dim=-1).tolist()
+    assert greedy_tokens(logits)[1:3] == [3, 0]
+
+
+def test_greedy_and_sampled_requests_mixed_in_one_step(llm):
+    """A plain greedy request gives the same tokens beside requests that leave the fast path
+    (logprobs, a penalty, seeded sampling) as alone."""
+    prompt = {"prompt_token_ids": [200006, 1000, 2000, 3000]}
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = llm.generate([prompt], plain, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)]
+    outs = llm.generate([prompt] * 4, [plain, *others], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == alone
+    assert outs[1].outputs[0].token_ids == alone and len(outs[1].outputs[0].logprobs) == 6

@@ -163,3 +163,31 @@ def test_context_zero_padding_row_is_zero(small_tiles):
     assert got[1].abs().max() == 0
     expected = full_matrix_attention(q, k_cache, v_cache, ctx, sinks, 0, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_padded_batches_match_tiled_path(monkeypatch, window):
+    """Decodes and short chunks go in padded batches (split by a small key budget here); the
+    same step forced through the per-sequence tiled path gives the same output."""
+    g = torch.Generator().manual_seed(7)
+    kv_lens = torch.randint(1, 60, (40,), generator=g).tolist()
+    q_lens = [1 if i % 3 else int(torch.randint(1, n + 1, (), generator=g)) for i, n in enumerate(kv_lens)]
+    q, k_cache, v_cache, ctx, sinks = make_batch(q_lens, kv_lens, 6, 2, block_size=4, seed=window)
+    monkeypatch.setattr(reference, "BATCH_KEYS", 200)
+    plan = reference._plan(ctx, window, q.device)
+    assert len(plan[0]) > 2 and not plan[1]  # several padded batches, nothing tiled
+    batched = reference.paged_attention(q, k_cache, v_cache, ctx, sinks, window, 0.3)
+    monkeypatch.setattr(reference, "BATCH_KEYS", 0)
+    ctx.reference_plans.clear()
+    tiled = reference.paged_attention(q, k_cache, v_cache, ctx, sinks, window, 0.3)
+    torch.testing.assert_close(batched, tiled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched, full_matrix_attention(q, k_cache, v_cache, ctx, sinks, window, 0.3),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_one_plan_per_step_and_window():
+    """The layers of a step share its gather plan: one per window size."""
+    q, k_cache, v_cache, ctx, sinks = make_batch([1, 1, 5], [9, 20, 5], 4, 2)
+    for window in (0, 3, 0, 3):
+        reference.paged_attention(q, k_cache, v_cache, ctx, sinks, window, 0.3)
+    assert sorted(ctx.reference_plans) == [0, 3]

@@ -269,6 +269,7 @@ def test_seeded_sampling_draws_on_cuda_logits():
 
     class Seq:  # what the sampler reads of a seeded sequence
         params = SamplingParams(temperature=1.0, seed=5)
+        plain_greedy = False
         generator = torch.Generator().manual_seed(5)
 
     logits = torch.randn(1, 1000)

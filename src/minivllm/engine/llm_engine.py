@@ -14,7 +14,7 @@ from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.sampler import Sampler, SampleResult
 from minivllm.engine.scheduler import Scheduler
-from minivllm.engine.sequence import Request, Sequence
+from minivllm.engine.sequence import Request, Sequence, SequenceStatus
 from minivllm.engine.spec_decode.ngram import NgramProposer
 from minivllm.engine.spec_decode.rejection_sampler import verify
 from minivllm.model.loader import resolve_model_path
@@ -141,12 +141,12 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        groups = _by_request(batch)
         try:
             work = self._execute(batch)
         except TensorParallelError:  # a rank died: no request can run any more
             raise
         except Exception as error:
+            groups = _by_request(batch)
             if len(groups) == 1:
                 self._fail_request(batch[0][0].request, error)
                 return []
@@ -283,11 +283,12 @@ class LLMEngine:
     def _postprocess(self, seqs: list[Sequence], result: SampleResult, multi: bool = False) -> list[RequestOutput]:
         """multi: each sequence has a run of tokens (accepted drafts + one) instead of one token."""
         now = time.monotonic()
-        touched: dict[str, Request] = {}
+        touched: dict[str, Request] = {}  # the requests that have an output to give this step
+        finished, final_only = SequenceStatus.FINISHED, RequestOutputKind.FINAL_ONLY
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs):
-            request = seq.request
-            if seq.is_finished:  # its request failed earlier in this step
+            if seq.status is finished:  # its request failed earlier in this step
                 continue
+            request = seq.request
             try:
                 if request.first_token_time is None:
                     request.first_token_time = now
@@ -304,15 +305,17 @@ class LLMEngine:
                 continue
             if seq.finish_reason is not None:
                 self.scheduler.remove(seq)
+            elif request.params.output_kind is final_only:  # nobody reads it before the end
+                continue
             touched[request.request_id] = request
         outputs = []
         for request in touched.values():
-            finished = request.is_finished
-            if finished:
+            done = request.is_finished
+            if done:
                 self.requests.pop(request.request_id, None)
-            elif request.params.output_kind is RequestOutputKind.FINAL_ONLY:
+            elif request.params.output_kind is final_only:
                 continue
-            outputs.append(self._make_output(request, finished))
+            outputs.append(self._make_output(request, done))
         return outputs
 
     def _append_run(self, seq: Sequence, tokens: list[int], logprobs: list) -> None:

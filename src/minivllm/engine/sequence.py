@@ -55,8 +55,9 @@ class Sequence:
         self.sent_text_len = 0  # for DELTA outputs: what the caller has already received
         self.sent_token_len = 0
         self.finish_reported = False  # DELTA outputs report a choice's finish once
-        # Read once (the engine asks for it every step; params do not change after submission).
+        # Read once (the engine asks for them every step; params do not change after submission).
         self.stop_buffer_length = params.stop_buffer_length
+        self.plain_greedy = _is_plain_greedy(params)
         # Waiting-queue order: lower priority value first, then arrival (preempted ones keep theirs).
         self.sort_key = (request.priority, next(_arrival_counter))
 
@@ -78,6 +79,17 @@ class Sequence:
 
     def __lt__(self, other: "Sequence") -> bool:
         return self.sort_key < other.sort_key
+
+
+def _is_plain_greedy(params: SamplingParams) -> bool:
+    """Greedy, with no logits adjustment and no logprobs: the argmax is the whole answer.
+
+    Params that break these checks leave the request to the full sampler, which then fails this
+    request alone inside a step (as it fails any request whose params it cannot use)."""
+    try:
+        return bool(params.greedy and params.logprobs is None and not params.adjusts_logits)
+    except Exception:
+        return False
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,9 @@ class AttentionContext:
     query_start_loc_t: torch.Tensor | None = None  # (B + 1,)
     context_lens_t: torch.Tensor | None = None  # (B,)
     max_query_len: int | None = None
+    # The reference attention's gather plan of this step, per sliding window (made by the first
+    # layer, reused by the others).
+    reference_plans: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:
