@@ -91,7 +91,7 @@ def main() -> None:
     serving = OpenAIServing(engine, model, max_model_len=engine.engine.max_model_len)
     data_dir = tempfile.mkdtemp(prefix="bench-batch-")
     yield_to = (lambda: engine.num_streams) if args.busy_in_flight != 0 else None
-    service = BatchService.create(serving.dispatch, data_dir=data_dir, max_in_flight=args.max_in_flight, poll_s=0.05,
+    service = BatchService.create(serving.dispatch, data_dir=data_dir, max_in_flight=args.max_in_flight,
                                   engine_streams=yield_to, busy_in_flight=args.busy_in_flight or None)
     app = create_app(engine, serving, batches=service)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))

@@ -356,8 +356,8 @@ def test_batch_run_command(tmp_path, capsys):
 
 
 def test_runner_yields_to_realtime_requests(tmp_path):
-    """While the engine runs requests that are not the batch's, new lines start only up to
-    busy_in_flight; alone, up to max_in_flight."""
+    """While the engine runs requests that are not the batch's, and for a cool-down after, new
+    lines start only up to busy_in_flight; alone, up to max_in_flight."""
     store = Store(f"sqlite:///{tmp_path}/s.db")
     storage = FileStorage(store, str(tmp_path))
     realtime = {"n": 0}
@@ -367,7 +367,7 @@ def test_runner_yields_to_realtime_requests(tmp_path):
         await gate.wait()
         return {"id": "x", "choices": [{"finish_reason": "length"}]}
 
-    runner = BatchRunner(store, storage, dispatch, max_in_flight=8, busy_in_flight=2,
+    runner = BatchRunner(store, storage, dispatch, max_in_flight=8, busy_in_flight=2, busy_cooldown_s=2.0,
                          engine_streams=lambda: runner._in_engine + realtime["n"])
     store.add_batch({"id": "b", "status": "in_progress", "endpoint": "/v1/chat/completions", "input_file_id": "f",
                      "completion_window": "24h", "created_at": 0, "expires_at": None})
@@ -380,13 +380,16 @@ def test_runner_yields_to_realtime_requests(tmp_path):
         busy = runner.in_flight
         realtime["n"] = 0
         await runner.step()
+        cooling_down = runner.in_flight
+        await asyncio.sleep(2.05)  # the cool-down is over
+        await runner.step()
         alone = runner.in_flight
         gate.set()
         while runner.in_flight:
             await asyncio.sleep(0.01)
-        return busy, alone
+        return busy, cooling_down, alone
 
-    assert asyncio.run(run()) == (2, 8)
+    assert asyncio.run(run()) == (2, 2, 8)
     assert store.counts("b") == {"done": 8, "pending": 12}
     store.close()
 

@@ -29,6 +29,9 @@ from minivllm.openai.errors import OpenAIError
 
 logger = logging.getLogger(__name__)
 
+# Real-time traffic comes in turns (a user's next message, a client's next call) with short gaps:
+# refilling every in-flight slot in each gap would put a burst of prefills in front of the next request.
+BUSY_COOLDOWN_S = 2.0
 BATCH_PRIORITY = 10  # real-time requests use 0; from EngineArgs.background_priority (10) on, lines only use idle steps
 
 
@@ -39,17 +42,21 @@ class BatchRunner:
     def __init__(self, store: Store, storage: FileStorage, dispatch: Dispatch, *, max_in_flight: int = 16,
                  priority: int = BATCH_PRIORITY, lease_s: float = 30.0, poll_s: float = 0.5,
                  owner: str | None = None, exclusive: bool | None = None,
-                 engine_streams: Callable[[], int] | None = None, busy_in_flight: int | None = None) -> None:
+                 engine_streams: Callable[[], int] | None = None, busy_in_flight: int | None = None,
+                 busy_cooldown_s: float = BUSY_COOLDOWN_S) -> None:
         """dispatch: OpenAIServing.dispatch. exclusive: this process is the store's only server
         (default: an SQLite store), so lines left running by a previous run go back to pending
         at start instead of waiting for their lease to run out. engine_streams: the engine's
         count of running requests (AsyncEngine.num_streams); while some are not ours (real-time
-        traffic), new lines start only up to busy_in_flight (default max_in_flight // 8)."""
+        traffic), and for busy_cooldown_s after, new lines start only up to busy_in_flight
+        (default max_in_flight // 8)."""
         self.store, self.storage, self.dispatch = store, storage, dispatch
         self.max_in_flight = max_in_flight
         self.engine_streams = engine_streams
         self.busy_in_flight = max(1, max_in_flight // 8) if busy_in_flight is None else busy_in_flight
         self._in_engine = 0  # our lines inside dispatch()
+        self.busy_cooldown_s = busy_cooldown_s
+        self._busy_until = 0.0  # monotonic time until which real-time traffic counts as present
         self.priority = priority
         self.lease_s, self.poll_s = lease_s, poll_s
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -145,7 +152,9 @@ class BatchRunner:
                 running.append(batch)
         limit = self.max_in_flight
         if self.engine_streams is not None and self.engine_streams() > self._in_engine:
-            limit = min(limit, self.busy_in_flight)  # real-time requests are running: make room
+            self._busy_until = time.monotonic() + self.busy_cooldown_s
+        if time.monotonic() < self._busy_until:  # real-time requests are running, or just were: make room
+            limit = min(limit, self.busy_in_flight)
         for batch in running:
             free = limit - len(self._lines)
             claimed = await asyncio.to_thread(self.store.claim_lines, batch["id"], self.owner, free, self.lease_s)

@@ -263,7 +263,6 @@ def moe(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
     return out
 
 
-
 # A layer's MXFP4 experts are kept dequantized when all of them fit this many bytes: the small
 # checkpoints of tests and CPU runs, where dequantizing again every step was a fifth of a batch-1
 # step. A real model's experts (1.6 GB per gpt-oss-20b layer in bf16) are dequantized per use.
