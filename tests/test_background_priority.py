@@ -110,3 +110,15 @@ def test_background_only_steps_are_short_so_an_arriving_request_waits_little():
     assert sum(n for _, n in engine.scheduler.schedule()) == BACKGROUND_STEP_TOKENS
     engine.add_request("user", {"prompt_token_ids": list(range(3000, 3600))}, greedy(2))
     assert [(seq.request.request_id, n) for seq, n in engine.scheduler.schedule()] == [("user", 600)]
+
+
+def test_background_priority_is_set_or_turned_off_from_the_flag_the_env_and_the_worker():
+    from minivllm.cli import build_parser, engine_args_from
+    from minivllm.worker.config import WorkerConfig
+
+    parser = build_parser()
+    assert engine_args_from(parser, parser.parse_args(["serve", "--background-priority", "none"])).background_priority is None
+    assert engine_args_from(parser, parser.parse_args(["serve", "--background-priority", "5"])).background_priority == 5
+    assert engine_args_from(parser, parser.parse_args(["serve", "--max-model-len", "none"])).max_model_len is None
+    assert WorkerConfig.load(environ={"BACKGROUND_PRIORITY": "none"}, local_args_path="/absent").background_priority is None
+    assert WorkerConfig.load(environ={}, local_args_path="/absent").background_priority == 10

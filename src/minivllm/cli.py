@@ -24,7 +24,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine", "EngineArgs fields (unset flags keep the schema's defaults)")
     for name, field in EngineArgs.model_fields.items():
         kind = field.annotation
+        optional = False
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            optional = type(None) in typing.get_args(kind)
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         help_text = field.description or ""
         if field.default is not None:
@@ -35,8 +37,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(kind) is typing.Literal:
             kwargs["choices"] = typing.get_args(kind)
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = _or_none(kind) if optional and kind in (int, float) else kind
         group.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def _or_none(kind: type):
+    """An optional number's flag: `none` sets it to None (e.g. --background-priority none)."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def engine_args_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EngineArgs:

@@ -36,7 +36,7 @@ class EngineArgs(BaseModel):
     gpu_memory_utilization: float = Field(0.95, gt=0, le=1, description="Fraction of GPU memory the engine may use.")
     background_priority: int | None = Field(
         10, description="Requests with at least this priority value (the Batch API's lines: 10) run only in steps "
-        "with no other request: they use idle capacity and never slow a real-time one. None: plain priority order.")
+        "with no other request: they use idle capacity and never slow a real-time one. none: plain priority order.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
     seed: int = Field(0, description="Seed of the engine's global random generator.")
@@ -48,6 +48,12 @@ class EngineArgs(BaseModel):
     speculative_config: str | dict | None = Field(
         None, description='Speculative decoding, vLLM\'s keys as JSON, e.g. {"method": "ngram", '
         '"num_speculative_tokens": 3, "prompt_lookup_max": 4}; off when unset.')
+
+    @field_validator("max_model_len", "num_kv_blocks", "background_priority", mode="before")
+    @classmethod
+    def _none_text(cls, value):
+        """`none` (an env var, a config file) unsets an optional number, as the flags' `none` does."""
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
     @field_validator("speculative_config", mode="before")
     @classmethod
