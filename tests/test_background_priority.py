@@ -117,8 +117,13 @@ def test_background_priority_is_set_or_turned_off_from_the_flag_the_env_and_the_
     from minivllm.worker.config import WorkerConfig
 
     parser = build_parser()
-    assert engine_args_from(parser, parser.parse_args(["serve", "--background-priority", "none"])).background_priority is None
-    assert engine_args_from(parser, parser.parse_args(["serve", "--background-priority", "5"])).background_priority == 5
-    assert engine_args_from(parser, parser.parse_args(["serve", "--max-model-len", "none"])).max_model_len is None
-    assert WorkerConfig.load(environ={"BACKGROUND_PRIORITY": "none"}, local_args_path="/absent").background_priority is None
+
+    def flags(*argv):
+        return engine_args_from(parser, parser.parse_args(["serve", *argv]))
+
+    assert flags("--background-priority", "none").background_priority is None
+    assert flags("--background-priority", "5").background_priority == 5
+    assert flags("--max-model-len", "none").max_model_len is None
+    env = {"BACKGROUND_PRIORITY": "none"}
+    assert WorkerConfig.load(environ=env, local_args_path="/absent").background_priority is None
     assert WorkerConfig.load(environ={}, local_args_path="/absent").background_priority == 10
