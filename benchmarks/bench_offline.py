@@ -35,10 +35,10 @@ def mixed_max_tokens(n: int, seed: int, low: int, high: int) -> list[int]:
 
 
 class Ours:
-    def __init__(self, path: str):
+    def __init__(self, path: str, deterministic: bool = False):
         from minivllm import LLM
 
-        self.llm = LLM(path, max_model_len=1024)
+        self.llm = LLM(path, max_model_len=1024, deterministic=deterministic)
 
     def run(self, prompts, max_tokens: list[int]) -> tuple[float, int]:
         from minivllm import SamplingParams
@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per workload and engine, the fastest kept "
                     "(on a busy shared machine, 3 steadies the ratios)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both engines")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="also run minivllm in deterministic (batch-invariant) mode: what it costs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +112,8 @@ def main() -> None:
         "batch1": (prompts[:BATCH1_PROMPTS], [args.max_tokens] * BATCH1_PROMPTS, True),
     }
     engines = {"minivllm": Ours(path), "transformers": Transformers(path)}
+    if args.deterministic:
+        engines["minivllm-det"] = Ours(path, deterministic=True)
     for engine in engines.values():  # warm-up: first calls allocate and pick kernels
         engine.run(prompts[:2], [2, 2])
     print(f"{'workload':<10}{'engine':<14}{'seconds':>10}{'out tokens':>12}{'tok/s':>10}")
@@ -124,8 +128,10 @@ def main() -> None:
                     best[engine_name] = seconds, tokens
         for engine_name, (seconds, tokens) in best.items():
             print(f"{name:<10}{engine_name:<14}{seconds:>10.2f}{tokens:>12}{tokens / seconds:>10.1f}", flush=True)
-        ratio = (best["minivllm"][1] / best["minivllm"][0]) / (best["transformers"][1] / best["transformers"][0])
-        print(f"{name:<10}speed-up: {ratio:.2f}x", flush=True)
+        baseline = best["transformers"][1] / best["transformers"][0]
+        for ours in [e for e in best if e.startswith("minivllm")]:
+            ratio = best[ours][1] / best[ours][0] / baseline
+            print(f"{name:<10}speed-up: {ratio:.2f}x" + ("" if ours == "minivllm" else f" ({ours})"), flush=True)
 
 
 if __name__ == "__main__":

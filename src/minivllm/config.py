@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:  # torch loads lazily: the worker parses its config before the ~2 s torch import
     import torch
@@ -37,6 +37,10 @@ class EngineArgs(BaseModel):
     background_priority: int | None = Field(
         10, description="Requests with at least this priority value (the Batch API's lines: 10) run only in steps "
         "with no other request: they use idle capacity and never slow a real-time one. none: plain priority order.")
+    deterministic: bool = Field(
+        False, description="Batch-invariant results: a request's tokens (greedy or seeded) and logprobs are the same "
+        "alone or in any batch. Each request's part of a step runs alone, prefill chunks have fixed sizes, no "
+        "prefix caching; costs the batching's speed-up.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
     seed: int = Field(0, description="Seed of the engine's global random generator.")
@@ -48,6 +52,17 @@ class EngineArgs(BaseModel):
     speculative_config: str | dict | None = Field(
         None, description='Speculative decoding, vLLM\'s keys as JSON, e.g. {"method": "ngram", '
         '"num_speculative_tokens": 3, "prompt_lookup_max": 4}; off when unset.')
+
+    @model_validator(mode="after")
+    def _check_deterministic(self) -> "EngineArgs":
+        if self.deterministic and self.speculative_config is not None:
+            raise ValueError("deterministic mode does not combine with speculative_config: how many drafts a "
+                             "step verifies depends on the batch")
+        if self.deterministic and self.max_num_batched_tokens <= self.max_num_seqs:
+            raise ValueError(f"deterministic mode needs max_num_batched_tokens ({self.max_num_batched_tokens}) > "
+                             f"max_num_seqs ({self.max_num_seqs}): a fixed-size prefill chunk must fit beside "
+                             "every running decode")
+        return self
 
     @field_validator("max_model_len", "num_kv_blocks", "background_priority", mode="before")
     @classmethod

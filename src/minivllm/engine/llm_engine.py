@@ -40,7 +40,9 @@ class LLMEngine:
         eos = self.model_config.eos_token_ids or self.tokenizer.eos_token_ids
         self.eos_token_ids = frozenset(eos)
         self.runner = ModelRunner(args, self.model_config, self.model_path, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        # Deterministic mode: a prefix-cache hit would reuse K/V computed in other chunks, other bits.
+        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size,
+                                          args.enable_prefix_caching and not args.deterministic)
         if self.block_manager.blocks_needed(self.max_model_len) > self.block_manager.num_blocks:
             raise ValueError(
                 f"max_model_len {self.max_model_len} needs {self.block_manager.blocks_needed(self.max_model_len)} "
@@ -51,7 +53,7 @@ class LLMEngine:
             spec["num_speculative_tokens"], spec["prompt_lookup_min"], spec["prompt_lookup_max"])
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, proposer,
                                    self.max_model_len, spec["disable_by_batch_size"] if spec else 0,
-                                   args.background_priority)
+                                   args.background_priority, fixed_chunks=args.deterministic)
         # Speculative decoding counters (vLLM's spec_decode metrics): verified drafts, drafted tokens,
         # accepted tokens.
         self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
@@ -141,6 +143,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        if self.args.deterministic:
+            return self._step_each_request_alone(batch)
         try:
             work = self._execute(batch)
         except TensorParallelError:  # a rank died: no request can run any more
@@ -164,6 +168,24 @@ class LLMEngine:
                 for request in {seq.request.request_id: seq.request for seq, _ in work.prompt_targets}.values():
                     self._fail_request(request, error)
         return self._postprocess(work.seqs, result, multi)
+
+    def _step_each_request_alone(self, batch: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """Deterministic mode: each request's part of the step (forward, sampling, prompt logprobs)
+        runs as if the request were alone, so no result depends on the batch: on a CPU or a GPU a
+        matmul's rounding changes with its row count. An error fails its request only."""
+        seqs, token_ids, logprobs = [], [], []
+        for group in _by_request(batch):
+            work = self._execute_isolated([group])
+            work, result = self._sample_isolated(work, multi=False)
+            if work.prompt_targets:
+                try:
+                    self._record_prompt_logprobs(work.prompt_hidden, work.prompt_targets)
+                except Exception as error:
+                    self._fail_request(group[0][0].request, error)
+            seqs += work.seqs
+            token_ids += result.token_ids
+            logprobs += result.logprobs
+        return self._postprocess(seqs, SampleResult(token_ids, logprobs))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], multi: bool) -> SampleResult:
         return verify(self.sampler, logits, seqs) if multi else self.sampler(logits, seqs)

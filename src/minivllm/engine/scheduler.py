@@ -35,7 +35,8 @@ LONG_CONTEXT = 8192  # context up to which a prefill chunk may use the whole tok
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  proposer: NgramProposer | None = None, max_model_len: int | None = None,
-                 disable_by_batch_size: int = 0, background_priority: int | None = None):
+                 disable_by_batch_size: int = 0, background_priority: int | None = None,
+                 fixed_chunks: bool = False):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -43,6 +44,10 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.disable_by_batch_size = disable_by_batch_size
         self.background_priority = background_priority
+        # Deterministic mode: a prefill chunk is always min(what is left, fixed_chunk) tokens, alone or
+        # beside others (it waits a step rather than shrink), so a prompt's chunks never depend on the
+        # batch. Beside at most max_num_seqs - 1 decodes, the first chunk of a step always fits.
+        self.fixed_chunk = max_num_batched_tokens - max_num_seqs + 1 if fixed_chunks else None
         self.drafted: list[Sequence] = []  # sequences given drafts by the last schedule()
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
@@ -75,7 +80,7 @@ class Scheduler:
         # `running` and `waiting` are sorted most important first: only a prefix of them runs.
         foreground = self._has_foreground()
         budget = self.max_num_batched_tokens
-        if not foreground:  # background work only (or none)
+        if not foreground and self.fixed_chunk is None:  # background work only (or none)
             budget = min(budget, BACKGROUND_STEP_TOKENS)
         i = 0
         while i < len(self.running) and budget > 0:
@@ -87,7 +92,10 @@ class Scheduler:
                 budget -= 1
                 i += 1
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._chunk_cap(seq))
+            num_new = self._chunk(seq, budget)
+            if num_new == 0:  # a fixed-size chunk that does not fit this step
+                i += 1
+                continue
             while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + num_new):
                 victim = max(self.running[i:], key=lambda s: s.sort_key)
                 self.preempt(victim)
@@ -106,8 +114,8 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs and not self._yield_background(seq):
                 break
             self.block_manager.allocate_cached_prefix(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._chunk_cap(seq))
-            if not self._reserve(seq, num_new):
+            num_new = self._chunk(seq, budget)
+            if num_new == 0 or not self._reserve(seq, num_new):
                 self.block_manager.free(seq)
                 break
             self.waiting.pop(0)
@@ -168,6 +176,14 @@ class Scheduler:
             if not self._yield_background(seq):
                 return False
         return True
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """How many of `seq`'s uncomputed tokens run this step (0: none, it waits)."""
+        left = seq.num_tokens - seq.num_computed_tokens
+        if self.fixed_chunk is not None:
+            num_new = min(left, self.fixed_chunk)
+            return num_new if num_new <= budget else 0
+        return min(left, budget, self._chunk_cap(seq))
 
     def _chunk_cap(self, seq: Sequence) -> int:
         """The largest prefill chunk for ``seq`` this step. Alone, the whole budget. Beside other
