@@ -150,6 +150,11 @@ def test_batch_runs_to_completed(client):
         assert response["body"]["object"] == "chat.completion" and response["body"]["model"] == MODEL
         assert response["body"]["usage"]["completion_tokens"] <= 4
     assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+    assert batch.model == MODEL
+    usages = [line["response"]["body"]["usage"] for line in out]
+    assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usages) > 0
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in usages) > 0
+    assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
 
 
 @pytest.mark.parametrize("endpoint,body,kind", [
@@ -162,6 +167,7 @@ def test_batch_other_endpoints(client, endpoint, body, kind):
     batch = wait_final(client, batch.id)
     assert batch.status == "completed" and batch.request_counts.completed == 3
     assert [line["response"]["body"]["object"] for line in lines_of(client, batch.output_file_id)] == [kind] * 3
+    assert batch.usage.input_tokens > 0 and 0 < batch.usage.output_tokens <= 9  # each endpoint's own usage names
 
 
 def test_bad_lines_go_to_the_error_file(client):
@@ -445,3 +451,20 @@ def test_worker_handler_routes_batch_jobs(server, engine):
     assert deleted["deleted"]
     missing, = asyncio.run(job({"openai_route": "/v1/batches/batch_nope"}))
     assert "error" in missing
+
+
+def test_a_store_from_before_batch_usage_gets_the_new_columns(tmp_path):
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = Store(url)
+    with old.engine.begin() as c:  # as an older version created it
+        c.execute(sa.text("ALTER TABLE minivllm_batches DROP COLUMN usage"))
+        c.execute(sa.text("ALTER TABLE minivllm_batches DROP COLUMN model"))
+    old.close()
+    store = Store(url)
+    store.add_batch({"id": "b", "status": "in_progress", "endpoint": "/v1/chat/completions", "input_file_id": "f",
+                     "completion_window": "24h", "created_at": 0, "expires_at": None})
+    assert store.update_batch("b", model="m", usage={"input_tokens": 1})
+    assert (store.get_batch("b")["model"], store.get_batch("b")["usage"]) == ("m", {"input_tokens": 1})
+    store.close()

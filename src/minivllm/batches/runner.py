@@ -289,10 +289,11 @@ class BatchRunner:
             return False
         if final == "cancelled":
             await asyncio.to_thread(self.store.close_open_lines, batch_id, "cancelled")
-        output, errors, counts = await asyncio.to_thread(self._write_files, batch_id)
+        output, errors, counts, totals = await asyncio.to_thread(self._write_files, batch_id)
         values = {"status": final, f"{final}_at": now, "output_file_id": output, "error_file_id": errors,
                   "total": sum(counts.values()), "completed": counts.get("done", 0),
-                  "failed": counts.get("failed", 0), "owner": None, "lease_until": None}
+                  "failed": counts.get("failed", 0), "owner": None, "lease_until": None,
+                  "model": totals.model, "usage": totals.usage() if counts.get("done") else None}
         if not await asyncio.to_thread(self.store.update_batch, batch_id, when_status=status,
                                        when_owner=self.owner, **values):
             for file_id in (output, errors):  # someone else finished it meanwhile
@@ -302,16 +303,45 @@ class BatchRunner:
         logger.info("batch %s %s: %s", batch_id, final, counts)
         return True
 
-    def _write_files(self, batch_id: str) -> tuple[str | None, str | None, dict]:
+    def _write_files(self, batch_id: str) -> tuple[str | None, str | None, dict, "UsageTotals"]:
         counts = self.store.counts(batch_id)
+        totals = UsageTotals()
         ids = []
         for state, name in (("done", "output"), ("failed", "error")):
             if not counts.get(state):
                 ids.append(None)
                 continue
-            chunks = (line.encode() + b"\n" for line in self.store.results(batch_id, (state,)))
+            lines = self.store.results(batch_id, (state,))
+            chunks = (totals.add(line).encode() + b"\n" if state == "done" else line.encode() + b"\n"
+                      for line in lines)
             ids.append(write_file(self.storage, chunks, f"{batch_id}_{name}.jsonl", "batch_output")["id"])
-        return ids[0], ids[1], counts
+        return ids[0], ids[1], counts, totals
+
+
+class UsageTotals:
+    """The Batch object's `model` and `usage`: summed over the answered lines as the output file is
+    written (chat / completions count prompt and completion tokens, responses input and output)."""
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.input = self.cached = self.output = self.reasoning = 0
+
+    def add(self, line: str) -> str:
+        body = json.loads(line).get("response", {}).get("body") or {}
+        self.model = self.model or body.get("model")
+        usage = body.get("usage") or {}
+        self.input += usage.get("prompt_tokens", usage.get("input_tokens")) or 0
+        self.output += usage.get("completion_tokens", usage.get("output_tokens")) or 0
+        inputs = usage.get("prompt_tokens_details", usage.get("input_tokens_details")) or {}
+        outputs = usage.get("completion_tokens_details", usage.get("output_tokens_details")) or {}
+        self.cached += inputs.get("cached_tokens") or 0
+        self.reasoning += outputs.get("reasoning_tokens") or 0
+        return line
+
+    def usage(self) -> dict:
+        return {"input_tokens": self.input, "input_tokens_details": {"cached_tokens": self.cached},
+                "output_tokens": self.output, "output_tokens_details": {"reasoning_tokens": self.reasoning},
+                "total_tokens": self.input + self.output}
 
 
 def _aborted(answer) -> bool:

@@ -166,7 +166,8 @@ class BatchService:
                 "input_file_id": row["input_file_id"], "completion_window": row["completion_window"],
                 "status": row["status"], "output_file_id": row["output_file_id"],
                 "error_file_id": row["error_file_id"], **{k: row[k] for k in TIME_FIELDS},
-                "request_counts": request_counts, "metadata": row["metadata"]}
+                "request_counts": request_counts, "metadata": row["metadata"], "model": row["model"],
+                "usage": row["usage"]}
 
     # ---- RunPod jobs --------------------------------------------------------------------------
     @staticmethod

@@ -61,8 +61,11 @@ batches = sa.Table(
     sa.Column("failed", sa.Integer, nullable=False, default=0),
     sa.Column("owner", sa.String(128)),  # who validates / finalizes it now
     sa.Column("lease_until", sa.Float),
+    sa.Column("model", sa.String(256)),  # set when it is finalized (columns added later: ADDED_COLUMNS)
+    sa.Column("usage", sa.JSON),
 )
 sa.Index("minivllm_batches_status", batches.c.status)
+ADDED_COLUMNS = {batches: ("model", "usage")}  # absent from stores created before them: added at start
 
 # Line states: pending -> running -> done | failed; pending/running -> cancelled (batch cancelled).
 # 'failed' lines (a bad line, an error answer, an expired batch's leftovers) go to the error file.
@@ -81,6 +84,17 @@ sa.Index("minivllm_batch_lines_state", lines.c.batch_id, lines.c.state)
 
 OPEN = ("pending", "running")
 ACTIVE_BATCH = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+def _add_missing_columns(c: sa.Connection) -> None:
+    """A store written by an older version lacks the columns added since: add them (nullable)."""
+    inspector = sa.inspect(c)
+    for table, names in ADDED_COLUMNS.items():
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for name in names:
+            if name not in present:
+                column = table.c[name]
+                c.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {column.type.compile(c.dialect)}"))
 
 
 def engine_url(url: str) -> str:
@@ -109,6 +123,7 @@ class Store:
                 # then raises a unique violation): one at a time, under a transaction-scoped lock.
                 c.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
             metadata.create_all(c)
+            _add_missing_columns(c)
 
     def close(self) -> None:
         self.engine.dispose()
