@@ -208,6 +208,35 @@ def test_kueue_queue_label_on_the_deployment_and_its_pods():
         assert labels[queue] == "gpu-h100" and labels["kueue.x-k8s.io/priority-class"] == "inference"
 
 
+def test_a_models_file_goes_in_a_configmap_that_the_server_reads(tmp_path):
+    from minivllm.model_registry import load_models_file
+
+    models = {"max_loaded_models": 1, "models": [{"source": "openai/gpt-oss-20b", "max_model_len": 8192},
+                                                 {"source": "openai/gpt-oss-120b", "tensor_parallel_size": 2}]}
+    report = helm.lint(CHART, {"modelsFile": models}, strict=True, namespace=NAMESPACE)
+    assert not report["errors"] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+    objects = render({"modelsFile": models})
+    version = kubernetes_validate.latest_version()
+    for obj in objects.values():
+        kubernetes_validate.validate(obj, version, strict=True)
+    config_map = objects["ConfigMap"]
+    pod = objects["Deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = container_env(container)
+    assert env["MODELS_FILE"] == "/etc/minivllm/models.yaml" and "MODEL_NAME" not in env
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "models-file"]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "models-file"]
+    assert mount["mountPath"] == "/etc/minivllm" and volume["configMap"]["name"] == config_map["metadata"]["name"]
+    assert pod["metadata"]["annotations"]["checksum/models"]
+    path = tmp_path / "models.yaml"  # what the server will read there: a valid models file
+    path.write_text(config_map["data"]["models.yaml"])
+    loaded = load_models_file(str(path))
+    assert [m.name for m in loaded.models] == ["openai/gpt-oss-20b", "openai/gpt-oss-120b"]
+    assert loaded.models[1].tensor_parallel_size == 2
+    assert "ConfigMap" not in render({}) and "MODEL_NAME" in container_env(
+        render({})["Deployment"]["spec"]["template"]["spec"]["containers"][0])
+
+
 def test_model_storage_choices():
     host = render({"modelStorage": {"type": "hostPath", "hostPath": {"path": "/data/models"}}})
     assert "PersistentVolumeClaim" not in host
