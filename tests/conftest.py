@@ -83,6 +83,29 @@ def mixed_prompts(seed: int = 0, lengths=(3, 9, 17, 30, 45, 70)) -> list[list[in
     return [torch.randint(0, 199_000, (n,), generator=g).tolist() for n in lengths]
 
 
+def finished_outputs(engine) -> dict:
+    """Step an LLMEngine until nothing is left; each request's final RequestOutput, by request id."""
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    return finished
+
+
+def recorded_steps(engine) -> list[list[tuple[str, int]]]:
+    """From now on, each step's (request id, tokens run) pairs, as the scheduler picks them."""
+    steps, schedule = [], engine.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        steps.append([(seq.request.request_id, n) for seq, n in batch])
+        return batch
+
+    engine.scheduler.schedule = recording
+    return steps
+
+
 def minivllm_command() -> list[str]:
     """How to run the `minivllm` console script (its module when the script is not on PATH)."""
     exe = shutil.which("minivllm")

@@ -1,6 +1,7 @@
 """Background requests (the Batch API's lines, priority >= background_priority) use idle capacity
 only: a real-time request's steps never carry them, and it never waits for their slots or blocks."""
 
+from conftest import finished_outputs, recorded_steps
 from minivllm import SamplingParams
 from minivllm.config import EngineArgs
 from minivllm.engine.llm_engine import LLMEngine
@@ -12,26 +13,13 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def recorded_steps(engine: LLMEngine) -> list[set[str]]:
-    """The requests each later step runs (prefill chunks included), as the scheduler picks them."""
-    steps, schedule = [], engine.scheduler.schedule
-
-    def recording():
-        batch = schedule()
-        steps.append({seq.request.request_id for seq, _ in batch})
-        return batch
-
-    engine.scheduler.schedule = recording
-    return steps
+def request_sets(steps: list[list[tuple[str, int]]]) -> list[set[str]]:
+    """The requests each recorded step ran (prefill chunks included)."""
+    return [{rid for rid, _ in step} for step in steps]
 
 
 def run_to_end(engine: LLMEngine) -> dict[str, list[int]]:
-    tokens = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                tokens[out.request_id] = out.outputs[0].token_ids
-    return tokens
+    return {rid: out.outputs[0].token_ids for rid, out in finished_outputs(engine).items()}
 
 
 def add_batch_lines(engine: LLMEngine, count: int, max_tokens: int = 12) -> None:
@@ -49,8 +37,9 @@ def test_a_real_time_request_runs_alone_beside_a_running_batch_and_the_batch_res
     engine.step()
     engine.step()  # the batch lines are decoding
     engine.add_request("user", "Hello there", greedy(6))
-    steps = recorded_steps(engine)
+    recorded = recorded_steps(engine)
     tokens = run_to_end(engine)
+    steps = request_sets(recorded)
     user_steps = [step for step in steps if "user" in step]
     assert len(user_steps) == 6 and all(step == {"user"} for step in user_steps)  # never beside a batch line
     assert steps[:6] == user_steps  # and at once: the paused lines kept their blocks, nothing waited
@@ -63,8 +52,9 @@ def test_a_real_time_request_takes_a_batch_lines_slot_at_once():
     add_batch_lines(engine, 3)
     engine.step()
     engine.add_request("user", "Hello there", greedy(4))
-    steps = recorded_steps(engine)
+    recorded = recorded_steps(engine)
     tokens = run_to_end(engine)
+    steps = request_sets(recorded)
     assert steps[0] == {"user"}
     assert engine.scheduler.num_preemptions == 1  # one line gave up its slot (and is recomputed later)
     assert sorted(tokens) == ["line0", "line1", "line2", "user"]
@@ -78,8 +68,9 @@ def test_a_real_time_request_takes_a_batch_lines_kv_blocks_at_once():
                            priority=BACKGROUND)
     engine.step()
     engine.add_request("user", {"prompt_token_ids": list(range(2000, 2064))}, greedy(3))
-    steps = recorded_steps(engine)
+    recorded = recorded_steps(engine)
     tokens = run_to_end(engine)
+    steps = request_sets(recorded)
     assert steps[0] == {"user"}
     assert engine.scheduler.num_preemptions >= 1
     assert sorted(tokens) == ["line0", "line1", "line2", "user"]
@@ -88,16 +79,18 @@ def test_a_real_time_request_takes_a_batch_lines_kv_blocks_at_once():
 def test_background_lines_run_together_when_nothing_else_does_and_plain_priority_when_off():
     engine = LLMEngine(EngineArgs(model=None, num_kv_blocks=256, max_model_len=512))
     add_batch_lines(engine, 3, max_tokens=4)
-    steps = recorded_steps(engine)
+    recorded = recorded_steps(engine)
     run_to_end(engine)
+    steps = request_sets(recorded)
     assert steps[0] == {"line0", "line1", "line2"}  # idle capacity is theirs: batched as usual
 
     engine = LLMEngine(EngineArgs(model=None, num_kv_blocks=256, max_model_len=512, background_priority=None))
     add_batch_lines(engine, 2)
     engine.step()
     engine.add_request("user", "Hello there", greedy(3))
-    steps = recorded_steps(engine)
+    recorded = recorded_steps(engine)
     run_to_end(engine)
+    steps = request_sets(recorded)
     assert steps[0] == {"line0", "line1", "user"}  # off: one batch, priority only orders admission
 
 

@@ -57,6 +57,14 @@ def upload(client, items, name="input.jsonl"):
     return client.files.create(file=(name, io.BytesIO(jsonl(items))), purpose="batch")
 
 
+def wait_answered(client, batch_id, at_least: int, timeout=60.0) -> None:
+    """Until at least `at_least` lines of the batch are answered."""
+    deadline = time.monotonic() + timeout
+    while client.batches.retrieve(batch_id).request_counts.completed < at_least:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def wait_final(client, batch_id, timeout=60.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -245,10 +253,7 @@ def test_cancel_stops_the_batch_and_keeps_what_finished(server, client, engine):
     items = [chat_line(f"long-{i}", max_tokens=48) for i in range(40)]
     batch = client.batches.create(input_file_id=upload(client, items).id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
-    deadline = time.monotonic() + 60
-    while client.batches.retrieve(batch.id).request_counts.completed < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_answered(client, batch.id, 2)
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at
     batch = wait_final(client, batch.id)
@@ -416,10 +421,7 @@ def test_batch_past_its_window_expires(server, client):
     items = [chat_line(f"slow-{i}", max_tokens=48) for i in range(20)]
     batch = client.batches.create(input_file_id=upload(client, items).id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
-    deadline = time.monotonic() + 60
-    while client.batches.retrieve(batch.id).request_counts.completed < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_answered(client, batch.id, 1)
     service.store.update_batch(batch.id, expires_at=int(time.time()) - 1)  # as if 24 h went by
     batch = wait_final(client, batch.id)
     assert batch.status == "expired" and batch.expired_at

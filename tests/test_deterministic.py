@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from conftest import finished_outputs, recorded_steps
 from minivllm import SamplingParams
 from minivllm.config import EngineArgs
 from minivllm.engine.llm_engine import LLMEngine
@@ -27,13 +28,8 @@ def mixed_requests(count: int) -> list[tuple[list[int], SamplingParams]]:
 def run(engine: LLMEngine, requests) -> dict[int, tuple[list[int], list]]:
     for i, (prompt, params) in enumerate(requests):
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
-    results = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                completion = out.outputs[0]
-                results[int(out.request_id)] = (completion.token_ids, completion.logprobs)
-    return results
+    return {int(rid): (out.outputs[0].token_ids, out.outputs[0].logprobs)
+            for rid, out in finished_outputs(engine).items()}
 
 
 def engine_of(deterministic: bool) -> LLMEngine:
@@ -61,16 +57,10 @@ def test_deterministic_chunks_have_fixed_sizes_beside_running_decodes():
     engine.step()  # ten running decodes
     engine.add_request("long", {"prompt_token_ids": list(range(3000, 3000 + 2 * chunk + 5))},
                        SamplingParams(max_tokens=1))
-    sizes, schedule = [], engine.scheduler.schedule
-
-    def recording():
-        batch = schedule()
-        sizes.extend(n for seq, n in batch if seq.request.request_id == "long")
-        return batch
-
-    engine.scheduler.schedule = recording
+    steps = recorded_steps(engine)
     while "long" in engine.requests:
         engine.step()
+    sizes = [n for step in steps for rid, n in step if rid == "long"]
     assert sizes == [chunk, chunk, 5]  # not the 54 tokens the budget left beside the decodes
 
 

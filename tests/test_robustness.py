@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from conftest import finished_outputs
 from minivllm import SamplingParams
 from minivllm.openai import OpenAIServing
 from minivllm.sampling_params import RequestOutputKind
@@ -254,12 +255,7 @@ def test_a_failed_request_never_leaves_a_neighbour_reading_unwritten_kv():
     prompt = {"prompt_token_ids": [(i * 37) % 1000 + 5 for i in range(200)]}
 
     def run(engine) -> dict:
-        out = {}
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    out[o.request_id] = o.outputs[0].token_ids
-        return out
+        return {rid: out.outputs[0].token_ids for rid, out in finished_outputs(engine).items()}
 
     alone = LLMEngine(EngineArgs(model=None, num_kv_blocks=256, max_model_len=1024))
     alone.add_request("B", prompt, greedy(16))
