@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from minivllm.batches.files import FileStorage, write_file
 from minivllm.batches.store import ACTIVE_BATCH, Store, dumps
@@ -312,8 +312,9 @@ class BatchRunner:
                 ids.append(None)
                 continue
             lines = self.store.results(batch_id, (state,))
-            chunks = (totals.add(line).encode() + b"\n" if state == "done" else line.encode() + b"\n"
-                      for line in lines)
+            if state == "done":
+                lines = totals.counted(lines)
+            chunks = (line.encode() + b"\n" for line in lines)
             ids.append(write_file(self.storage, chunks, f"{batch_id}_{name}.jsonl", "batch_output")["id"])
         return ids[0], ids[1], counts, totals
 
@@ -326,7 +327,13 @@ class UsageTotals:
         self.model: str | None = None
         self.input = self.cached = self.output = self.reasoning = 0
 
-    def add(self, line: str) -> str:
+    def counted(self, lines: Iterator[str]) -> Iterator[str]:
+        """The output lines, unchanged, each added to the totals as it goes by."""
+        for line in lines:
+            self.add(line)
+            yield line
+
+    def add(self, line: str) -> None:
         body = json.loads(line).get("response", {}).get("body") or {}
         self.model = self.model or body.get("model")
         usage = body.get("usage") or {}
@@ -336,7 +343,6 @@ class UsageTotals:
         outputs = usage.get("completion_tokens_details", usage.get("output_tokens_details")) or {}
         self.cached += inputs.get("cached_tokens") or 0
         self.reasoning += outputs.get("reasoning_tokens") or 0
-        return line
 
     def usage(self) -> dict:
         return {"input_tokens": self.input, "input_tokens_details": {"cached_tokens": self.cached},
