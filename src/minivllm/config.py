@@ -51,7 +51,8 @@ class EngineArgs(BaseModel):
     # str first: the CLI flag and the env var give JSON text; a dict comes from Python or a config file.
     speculative_config: str | dict | None = Field(
         None, description='Speculative decoding, vLLM\'s keys as JSON, e.g. {"method": "ngram", '
-        '"num_speculative_tokens": 3, "prompt_lookup_max": 4}; off when unset.')
+        '"num_speculative_tokens": 3, "prompt_lookup_max": 4} or {"method": "eagle3", "model": '
+        '"RedHatAI/gpt-oss-20b-speculator.eagle3", "num_speculative_tokens": 3}; off when unset.')
 
     @model_validator(mode="after")
     def _check_deterministic(self) -> "EngineArgs":
@@ -62,6 +63,14 @@ class EngineArgs(BaseModel):
             raise ValueError(f"deterministic mode needs max_num_batched_tokens ({self.max_num_batched_tokens}) > "
                              f"max_num_seqs ({self.max_num_seqs}): a fixed-size prefill chunk must fit beside "
                              "every running decode")
+        return self
+
+    @model_validator(mode="after")
+    def _check_eagle3_tp(self) -> "EngineArgs":
+        spec = self.speculative_config
+        if spec is not None and spec["method"] == "eagle3" and self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config: method 'eagle3' runs at tensor_parallel_size 1 only for now "
+                             "(the head needs the target's aux hidden states on one rank); use 'ngram' or tp 1")
         return self
 
     @field_validator("max_model_len", "num_kv_blocks", "background_priority", mode="before")
@@ -180,28 +189,53 @@ class GptOssConfig:
 
     def yarn_inv_freq_and_scale(self) -> tuple["torch.Tensor", float]:
         """NeoX YaRN inverse frequencies and the cos/sin scale (same math as the reference and HF)."""
-        import torch
+        return rope_inv_freq_and_scale(self.head_dim, self.rope_theta, self.rope_scaling)
 
-        dim, base = self.head_dim, self.rope_theta
-        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-        if self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "yarn":
-            return 1.0 / pos_freqs, 1.0
-        factor = float(self.rope_scaling["factor"])
-        orig = self.rope_scaling["original_max_position_embeddings"]
-        beta_fast = self.rope_scaling.get("beta_fast") or 32.0
-        beta_slow = self.rope_scaling.get("beta_slow") or 1.0
-        scale = self.rope_scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
 
-        def correction_dim(rotations: float) -> float:
-            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+def rope_inv_freq_and_scale(dim: int, base: float, rope_scaling: dict) -> tuple["torch.Tensor", float]:
+    """Rotary inverse frequencies and the cos/sin scale for HF's `default`, `yarn` and `llama3` rope types
+    (the same math as transformers' rope init functions)."""
+    import torch
 
-        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-        if self.rope_scaling.get("truncate", True):
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-        extrapolation = 1 - ramp
-        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-        return inv_freq, scale
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type")) or "default"
+    if rope_type == "default":
+        return 1.0 / pos_freqs, 1.0
+    if rope_type == "llama3":
+        return _llama3_inv_freq(1.0 / pos_freqs, rope_scaling), 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, yarn, llama3)")
+    factor = float(rope_scaling["factor"])
+    orig = rope_scaling["original_max_position_embeddings"]
+    beta_fast = rope_scaling.get("beta_fast") or 32.0
+    beta_slow = rope_scaling.get("beta_slow") or 1.0
+    scale = rope_scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope_scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, scale
+
+
+def _llama3_inv_freq(inv_freq: "torch.Tensor", rope_scaling: dict) -> "torch.Tensor":
+    """Llama 3's frequency scaling: long wavelengths divided by `factor`, short ones kept, a smooth blend between."""
+    import torch
+
+    factor = float(rope_scaling["factor"])
+    low, high = float(rope_scaling["low_freq_factor"]), float(rope_scaling["high_freq_factor"])
+    old_len = rope_scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)

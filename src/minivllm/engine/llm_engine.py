@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +15,7 @@ from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.sampler import Sampler, SampleResult
 from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Request, Sequence, SequenceStatus
+from minivllm.engine.spec_decode.eagle3 import Eagle3Proposer
 from minivllm.engine.spec_decode.ngram import NgramProposer
 from minivllm.engine.spec_decode.rejection_sampler import verify
 from minivllm.model.loader import resolve_model_path
@@ -49,8 +50,10 @@ class LLMEngine:
                 f"KV blocks but the cache has {self.block_manager.num_blocks}: lower max_model_len or give the "
                 "KV cache more memory")
         spec = args.speculative_config
-        proposer = None if spec is None else NgramProposer(
-            spec["num_speculative_tokens"], spec["prompt_lookup_min"], spec["prompt_lookup_max"])
+        self.drafter = self._make_drafter(spec)
+        proposer = self.drafter
+        if spec is not None and spec["method"] == "ngram":
+            proposer = NgramProposer(spec["num_speculative_tokens"], spec["prompt_lookup_min"], spec["prompt_lookup_max"])
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, proposer,
                                    self.max_model_len, spec["disable_by_batch_size"] if spec else 0,
                                    args.background_priority, fixed_chunks=args.deterministic)
@@ -60,6 +63,15 @@ class LLMEngine:
         self.sampler = Sampler(sorted(self.eos_token_ids), torch.Generator(self.runner.device).manual_seed(args.seed))
         self.requests: dict[str, Request] = {}
         self.failed: list[tuple[str, Exception]] = []
+
+    def _make_drafter(self, spec: dict | None) -> Eagle3Proposer | None:
+        if spec is None or spec["method"] != "eagle3":
+            return None
+        k = spec["num_speculative_tokens"] or self.runner.draft.config.num_speculative_tokens
+        if not k:
+            raise ValueError(f"speculative_config: num_speculative_tokens is required: the head {spec['model']!r} "
+                             "does not name its own (speculators_config.proposal_methods)")
+        return Eagle3Proposer(self.runner, self.block_manager, k, self.max_model_len)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (nothing to stop at tp=1)."""
@@ -167,7 +179,22 @@ class LLMEngine:
             except Exception as error:  # the requests that asked for prompt logprobs fail, the rest go on
                 for request in {seq.request.request_id: seq.request for seq, _ in work.prompt_targets}.values():
                     self._fail_request(request, error)
-        return self._postprocess(work.seqs, result, multi)
+        outputs = self._postprocess(work.seqs, result, multi)
+        if self.drafter is not None:
+            self._draft(work.draft_rows)
+        return outputs
+
+    def _draft(self, rows: list) -> None:
+        """The EAGLE-3 head's drafts for the next step. They only change how fast tokens come, never
+        which: a failure here is logged and the next step runs without drafts."""
+        scheduler = self.scheduler
+        try:
+            self.drafter.after_step(rows, len(scheduler.running) <= scheduler.disable_by_batch_size,
+                                    spare_blocks=len(scheduler.running))
+        except Exception:
+            logger.exception("EAGLE-3 drafting failed; this step's sequences decode without drafts")
+            for seq, _, _ in rows:
+                seq.draft_token_ids = []
 
     def _step_each_request_alone(self, batch: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         """Deterministic mode: each request's part of the step (forward, sampling, prompt logprobs)
@@ -194,18 +221,22 @@ class LLMEngine:
         """The model forward of a batch; sequences' computed-token counts move on only on success."""
         prompt_rows, prompt_targets = self._prompt_logprob_rows(batch)
         try:
-            logits, prompt_hidden = self.runner.execute(batch, prompt_rows)
+            logits, prompt_hidden, aux = self.runner.execute(batch, prompt_rows)
         except BaseException:
             for seq, _ in batch:  # the step's blocks were registered for the prefix cache, never written
                 self.block_manager.uncache_uncomputed(seq)
             raise
-        to_sample = []
+        to_sample, draft_rows = [], []
+        row = 0
         for seq, num_new in batch:
+            if aux is not None:
+                draft_rows.append((seq, seq.num_computed_tokens, aux[row:row + num_new]))
+                row += num_new
             # Drafts' K/V counts only once they are accepted (in _postprocess).
             seq.num_computed_tokens += num_new - len(seq.spec_token_ids)
             if seq.num_computed_tokens == len(seq.token_ids):
                 to_sample.append(seq)
-        return StepWork(to_sample, logits, prompt_hidden, prompt_targets)
+        return StepWork(to_sample, logits, prompt_hidden, prompt_targets, draft_rows)
 
     def _without_dependents(self, batch, groups):
         """The failed step's groups, less the sequences that treat as computed a block another
@@ -241,7 +272,7 @@ class LLMEngine:
         prompt_hidden = [p.prompt_hidden for p in parts if p.prompt_hidden is not None]
         return StepWork([seq for p in parts for seq in p.seqs], torch.cat([p.logits for p in parts]),
                         torch.cat(prompt_hidden) if prompt_hidden else None,
-                        [t for p in parts for t in p.prompt_targets])
+                        [t for p in parts for t in p.prompt_targets], [r for p in parts for r in p.draft_rows])
 
     def _sample_isolated(self, work: "StepWork", multi: bool) -> tuple["StepWork", SampleResult]:
         """Sampling failed: sample each request's rows alone and fail the requests that fail."""
@@ -260,7 +291,7 @@ class LLMEngine:
         targets = [t for t in work.prompt_targets if t[0].request.request_id not in failed]
         keep_rows = [i for i, t in enumerate(work.prompt_targets) if t[0].request.request_id not in failed]
         prompt_hidden = work.prompt_hidden[keep_rows] if targets else None
-        return (StepWork(kept, work.logits, prompt_hidden, targets),
+        return (StepWork(kept, work.logits, prompt_hidden, targets, work.draft_rows),
                 SampleResult(token_ids, logprobs))
 
     def _prompt_logprob_rows(self, batch) -> tuple[list[int], list[tuple[Sequence, int]]]:
@@ -452,12 +483,14 @@ class LLMEngine:
 @dataclass
 class StepWork:
     """A step's model output: the sequences to sample and their logits rows; the hidden states of
-    the rows whose prompt logprobs were asked for, and (sequence, scored token) per such row."""
+    the rows whose prompt logprobs were asked for, and (sequence, scored token) per such row; with
+    an EAGLE-3 head, per sequence run (sequence, its first position, its rows' aux hidden states)."""
 
     seqs: list[Sequence]
     logits: torch.Tensor
     prompt_hidden: torch.Tensor | None
     prompt_targets: list[tuple[Sequence, int]]
+    draft_rows: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
 
 
 def check_token_ids(token_ids, vocab_size: int, what: str) -> None:

@@ -18,8 +18,9 @@ from minivllm.distributed.parallel_state import min_over_ranks
 from minivllm.distributed.workers import Workers
 from minivllm.engine.cuda_graphs import DecodeGraphs, uncapturable_ops
 from minivllm.engine.sequence import Sequence
+from minivllm.model.eagle3 import Eagle3Config, Eagle3Head
 from minivllm.model.gpt_oss import GptOssForCausalLM
-from minivllm.model.loader import load_weights
+from minivllm.model.loader import load_eagle3_weights, load_weights, resolve_model_path
 from minivllm.ops import AttentionContext, get_ops
 
 logger = logging.getLogger(__name__)
@@ -39,17 +40,36 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = GptOssForCausalLM(config, self.dtype, self.ops, max_positions=max_model_len)
         load_weights(self.model, model_path)
+        self.draft = self._load_draft(args, config, max_model_len)
+        self.aux_layers = tuple(self.draft.config.aux_layer_ids) if self.draft is not None else ()
         self.num_blocks = min_over_ranks(self._num_kv_blocks(args, config), self.device)
         self.kv_cache = torch.zeros(config.num_hidden_layers, 2, self.num_blocks, self.block_size,
                                     config.num_key_value_heads // tp, config.head_dim, dtype=self.dtype,
                                     device=self.device)
+        # The draft head's K/V: its own tensor, addressed by the target's block tables (a sequence's
+        # draft K/V for position p sits in the same block and slot as its target K/V for p).
+        self.draft_kv_cache = None if self.draft is None else torch.zeros(
+            self.draft.config.num_layers, 2, self.num_blocks, self.block_size, self.draft.config.num_kv_heads,
+            self.draft.config.head_dim, dtype=self.dtype, device=self.device)
         if self.workers is not None:
             self.model = TensorParallelDriver(self.model, self.workers)
         self.graphs = self._capture_graphs(args, config, max_model_len)
         self._block_tables = HostBlockTables(args.max_num_seqs, -(-max_model_len // self.block_size))
 
+    def _load_draft(self, args: EngineArgs, config: GptOssConfig, max_model_len: int) -> Eagle3Head | None:
+        spec = args.speculative_config
+        if spec is None or spec["method"] != "eagle3":
+            return None
+        path = resolve_model_path(spec["model"], spec.get("revision"), args.hf_token, args.download_dir)
+        draft_config = Eagle3Config.from_folder(path, config)
+        with torch.device(self.device):
+            head = Eagle3Head(draft_config, self.dtype, self.ops, max_positions=max_model_len)
+        load_eagle3_weights(head, path, self.model.model.embed_tokens)
+        return head
+
     def _capture_graphs(self, args: EngineArgs, config: GptOssConfig, max_model_len: int) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or args.enforce_eager or args.tensor_parallel_size > 1:
+        # EAGLE-3 steps need the target's aux hidden states, which the captured graphs do not return.
+        if self.device.type != "cuda" or args.enforce_eager or args.tensor_parallel_size > 1 or self.draft is not None:
             return None
         blocked = uncapturable_ops(self.ops, config)
         if blocked:
@@ -64,7 +84,10 @@ class ModelRunner:
     def _num_kv_blocks(self, args: EngineArgs, config: GptOssConfig) -> int:
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks
-        block_bytes = config.kv_bytes_per_token // args.tensor_parallel_size * self.block_size * self.dtype.itemsize
+        kv_bytes_per_token = config.kv_bytes_per_token // args.tensor_parallel_size
+        if self.draft is not None:
+            kv_bytes_per_token += self.draft.config.kv_bytes_per_token
+        block_bytes = kv_bytes_per_token * self.block_size * self.dtype.itemsize
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             # Leave what the other processes use, plus headroom for activations of the largest step.
@@ -133,23 +156,54 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], prompt_rows: list[int] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(logits (float32) of the last token of each sequence that finishes its prompt/step,
-        hidden states of `prompt_rows` (step token indices whose prompt logprobs were asked for)).
+        hidden states of `prompt_rows` (step token indices whose prompt logprobs were asked for),
+        the EAGLE-3 head's aux hidden states of every step row, or None without a head).
 
         Prompt rows come back as hidden states, not logits: a chunk's worth of full-vocabulary
         logits is gigabytes, so the engine turns them into logprobs a slice at a time."""
         input_ids, positions, ctx, sample_rows = self.prepare(batch)
+        aux = None
         if self.graphs is not None and self.graphs.can_run(len(input_ids), ctx):
             hidden = self.graphs.run(input_ids, positions, ctx)
+        elif self.aux_layers:
+            hidden, aux = self.model(input_ids, positions, ctx, self.kv_cache, self.aux_layers)
         else:
             hidden = self.model(input_ids, positions, ctx, self.kv_cache)
         prompt_hidden = hidden[prompt_rows] if prompt_rows else None
         if len(sample_rows) == len(hidden):
             # Every row is sampled (sample_rows is then 0..n-1, as in any all-decode step): the
             # hidden states are already in order, no gather needed.
-            return self.model.compute_logits(hidden), prompt_hidden
-        return self.model.compute_logits(hidden[sample_rows]), prompt_hidden
+            return self.model.compute_logits(hidden), prompt_hidden, aux
+        return self.model.compute_logits(hidden[sample_rows]), prompt_hidden, aux
+
+    @torch.inference_mode()
+    def run_draft(self, rows: list[tuple[list[int], int, list[int]]], hidden: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One EAGLE-3 head forward. rows: per sequence (block table, first position, the tokens
+        that follow positions first.. first + n - 1); hidden: (total rows, head hidden) input states.
+        Returns (normed states (to score), states to feed back), one row per input row."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc, context_lens, tables = [0], [], []
+        for table, first, tokens in rows:
+            span = range(first, first + len(tokens))
+            ids.extend(tokens)
+            positions.extend(span)
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
+            query_start_loc.append(len(ids))
+            context_lens.append(span.stop)
+            tables.append(table)
+        width = max(map(len, tables))
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        n = len(ids)
+        token_data = torch.tensor(ids + positions + slots, dtype=torch.int64).to(self.device)
+        ctx = AttentionContext(slot_mapping=token_data[2 * n:], query_start_loc=query_start_loc,
+                               context_lens=context_lens, block_tables=block_tables.to(self.device), block_size=bs)
+        return self.draft(token_data[:n], hidden, token_data[n:2 * n], ctx, self.draft_kv_cache)
 
 
 class HostBlockTables:

@@ -36,9 +36,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
         # Speculative decoding: this step's draft tokens (set by the scheduler, never in token_ids until
-        # accepted), and the n-gram proposer's index of this sequence's tokens.
+        # accepted), the n-gram proposer's index of this sequence's tokens, an EAGLE-3 head's drafts.
         self.spec_token_ids: list[int] = []
         self.ngram_index = None
+        self.draft_token_ids: list[int] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

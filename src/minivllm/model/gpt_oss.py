@@ -197,14 +197,22 @@ class GptOssForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
-                kv_cache: torch.Tensor) -> torch.Tensor:
-        """Hidden states (T, hidden) of every token; kv_cache is (layers, 2, blocks, block_size, Hkv, D)."""
+                kv_cache: torch.Tensor, aux_layers: tuple[int, ...] = ()):
+        """Hidden states (T, hidden) of every token; kv_cache is (layers, 2, blocks, block_size, Hkv, D).
+
+        With `aux_layers` (an EAGLE-3 head's layer ids), also the residual stream entering each of
+        those layers (id num_layers: leaving the last one), concatenated in layer order: (hidden, aux)."""
         x = self.model.embed_tokens(input_ids)
         residual = None
+        aux = []
         for i, layer in enumerate(self.model.layers):
+            if i in aux_layers:
+                aux.append(x if residual is None else x + residual)
             x, residual = layer(x, residual, positions, self.cos_sin_cache, ctx, kv_cache[i, 0], kv_cache[i, 1])
+        if len(self.model.layers) in aux_layers:
+            aux.append(x + residual)
         x, _ = self.model.norm(x, residual)
-        return x
+        return (x, torch.cat(aux, dim=-1)) if aux_layers else x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from minivllm.distributed.parallel_state import tp_rank
 from minivllm.model.gpt_oss import GptOssForCausalLM
+
+if TYPE_CHECKING:
+    from minivllm.model.eagle3 import Eagle3Head
 
 logger = logging.getLogger(__name__)
 
@@ -114,3 +118,47 @@ def _check(name: str, file: str, tensor: torch.Tensor, param: torch.Tensor) -> N
     if (param.dtype == torch.uint8) != (tensor.dtype == torch.uint8):
         raise ValueError(f"tensor {name} in {os.path.basename(file)} has dtype {tensor.dtype}, expected "
                          f"{'packed uint8 (MXFP4)' if param.dtype == torch.uint8 else 'a floating-point dtype'}")
+
+
+def load_eagle3_weights(head: Eagle3Head, path: str, target_embedding: torch.nn.Module) -> None:
+    """Load an EAGLE-3 head's safetensors into `head`. The speculators layout is the head's own
+    names; the ModelOpt/EAGLE layout's `midlayer.` is layer 0. A head without `embed_tokens`
+    shares the target's embedding (as vLLM does); `t2d` is not needed (d2t maps draft to target)."""
+    from torch import nn
+
+    tensors = dict(head.named_parameters())
+    tensors["d2t"] = head.d2t
+    own_embedding = None
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for stored in f.keys():
+                name = stored.removeprefix("model.").replace("midlayer.", "layers.0.", 1)
+                if name in ("t2d", "verifier_norm.weight", "verifier_lm_head.weight") or name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                tensor = f.get_tensor(stored)
+                if name == "embed_tokens.weight":
+                    own_embedding = tensor
+                    continue
+                target = tensors.get(name)
+                if target is None:
+                    unexpected.append(stored)
+                    continue
+                if name == "d2t":
+                    tensor = tensor.long()
+                _check(name, file, tensor, target)
+                target.data.copy_(tensor)
+                loaded.add(name)
+    if unexpected:
+        raise ValueError(f"unexpected tensor(s) in EAGLE-3 head {path}: {', '.join(unexpected[:5])}")
+    missing = sorted(set(tensors) - loaded - ({"d2t"} if head.config.draft_vocab_size == head.config.target_vocab_size
+                                              else set()))
+    if missing:
+        raise ValueError(f"EAGLE-3 head {path} is missing tensor(s): {', '.join(missing[:5])}")
+    if own_embedding is None:
+        head.embed_tokens = target_embedding
+    else:
+        weight = target_embedding.weight
+        _check("embed_tokens.weight", path, own_embedding, weight)
+        head.embed_tokens = nn.Embedding.from_pretrained(own_embedding.to(weight.dtype, weight.device))

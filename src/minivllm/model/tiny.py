@@ -140,3 +140,65 @@ def write_copy_checkpoint(path: str, shift: int) -> str:
     state["lm_head.weight"] = head.to(state["lm_head.weight"].dtype)
     save_file(state, f"{path}/model.safetensors", metadata={"format": "pt"})
     return path
+
+
+def eagle3_head_config(target_cfg: dict, draft_vocab_size: int, aux_layer_ids: list[int], num_speculative_tokens: int,
+                       intermediate_size: int = 128, norm_before_fc: bool = False) -> dict:
+    """A speculators-format EAGLE-3 config.json for a one-layer Llama head over a tiny target."""
+    h = target_cfg["hidden_size"]
+    layer = dict(model_type="llama", hidden_size=h, intermediate_size=intermediate_size,
+                 num_attention_heads=target_cfg["num_attention_heads"],
+                 num_key_value_heads=target_cfg["num_key_value_heads"], head_dim=target_cfg["head_dim"],
+                 num_hidden_layers=1, vocab_size=target_cfg["vocab_size"], rms_norm_eps=1e-5,
+                 max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "transformer_layer_config": layer,
+            "draft_vocab_size": draft_vocab_size, "norm_before_fc": norm_before_fc,
+            "eagle_aux_hidden_state_layer_ids": aux_layer_ids,
+            "speculators_config": {"algorithm": "eagle3", "default_proposal_method": "greedy",
+                                   "proposal_methods": [{"proposal_type": "greedy",
+                                                         "speculative_tokens": num_speculative_tokens}],
+                                   "verifier": {"name_or_path": None, "architectures": ["GptOssForCausalLM"]}}}
+
+
+def write_copy_eagle3_head(path: str, target_path: str, num_speculative_tokens: int = 3,
+                           own_embedding: bool = False) -> str:
+    """An EAGLE-3 head (speculators format) for write_copy_checkpoint's model: its draft vocabulary
+    is the 40 CYCLE tokens, and its first draft is the cycle token after the one the target is about
+    to emit, so it is accepted whenever the target follows its cycle; later drafts repeat the first
+    (usually rejected). It reads the target's last residual state (aux layer id num_layers) through
+    `fc` unchanged (its layer adds zeros), and scores it with the target's own final norm and
+    lm_head rows."""
+    with open(os.path.join(target_path, "config.json")) as f:
+        target_cfg = json.load(f)
+    target = load_file(os.path.join(target_path, "model.safetensors"))
+    h, n = target_cfg["hidden_size"], target_cfg["num_hidden_layers"]
+    cfg = eagle3_head_config(target_cfg, len(CYCLE), [1, 2, n], num_speculative_tokens)
+    layer = cfg["transformer_layer_config"]
+    q, kv, i = layer["num_attention_heads"] * layer["head_dim"], layer["num_key_value_heads"] * layer["head_dim"], 128
+
+    def after(token: int, steps: int) -> int:
+        at = CYCLE.index(token)
+        return CYCLE[at // 5 * 5 + (at + steps) % 5]
+
+    g = torch.Generator().manual_seed(0)
+    state = {"fc.weight": torch.cat([torch.zeros(h, 2 * h), torch.eye(h)], dim=1),
+             "norm.weight": target["model.norm.weight"].float(),
+             "lm_head.weight": target["lm_head.weight"].float()[[after(t, 1) for t in CYCLE]],
+             "d2t": torch.tensor([after(t, 2) - d for d, t in enumerate(CYCLE)]),
+             "t2d": torch.zeros(target_cfg["vocab_size"], dtype=torch.bool)}
+    state["t2d"][[after(t, 2) for t in CYCLE]] = True
+    p = "layers.0."
+    for name, shape in (("self_attn.q_proj", (q, 2 * h)), ("self_attn.k_proj", (kv, 2 * h)),
+                        ("self_attn.v_proj", (kv, 2 * h)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h))):
+        state[p + name + ".weight"] = torch.randn(*shape, generator=g) * 0.1
+    state[p + "self_attn.o_proj.weight"] = torch.zeros(h, q)  # the layer adds nothing to its input state
+    state[p + "mlp.down_proj.weight"] = torch.zeros(h, i)
+    for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
+        state[p + name + ".weight"] = torch.ones(h)
+    if own_embedding:
+        state["embed_tokens.weight"] = target["model.embed_tokens.weight"]
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return path
