@@ -1,7 +1,8 @@
-"""Speculative decoding with n-gram prompt lookup: config errors, exact greedy outputs, the
-rejection sampler's distribution, seeded reproducibility, KV / prefix-cache safety."""
+"""Speculative decoding (n-gram prompt lookup, EAGLE-3 heads): config errors, exact greedy outputs,
+the rejection sampler's distribution, seeded reproducibility, KV / prefix-cache safety."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +12,31 @@ from minivllm.engine.sampler import Sampler
 from minivllm.engine.sequence import Request, Sequence
 from minivllm.engine.spec_decode.ngram import NgramProposer
 from minivllm.engine.spec_decode.rejection_sampler import verify
-from minivllm.model.tiny import CYCLE, write_copy_checkpoint
+from minivllm.model.tiny import CYCLE, write_copy_checkpoint, write_copy_eagle3_head
 from minivllm.tokenizer import Tokenizer
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 3}
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
+# A random head saved by the speculators library (tests/fixtures/eagle3): its drafts are almost always rejected.
+SPECULATORS_HEAD = str(Path(__file__).parent / "fixtures" / "eagle3" / "tiny-eagle3")
+
+
 @pytest.fixture(scope="module")
 def copy_model(tmp_path_factory):
     return write_copy_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "copy"), shift=1)
+
+
+@pytest.fixture(scope="module")
+def copy_head(copy_model, tmp_path_factory):
+    """An EAGLE-3 head whose first draft is accepted whenever the copy model follows its cycle."""
+    return write_copy_eagle3_head(str(tmp_path_factory.mktemp("head") / "copy-eagle3"), copy_model)
+
+
+def spec_config(method: str, copy_head: str) -> dict:
+    return {"ngram": NGRAM, "eagle3": {"method": "eagle3", "model": copy_head, "num_speculative_tokens": 3},
+            "eagle3-speculators": {"method": "eagle3", "model": SPECULATORS_HEAD}}[method]
 
 
 def prompts_for(n: int, seed: int = 0) -> list[dict]:
@@ -44,13 +60,14 @@ def cycle_of(i: int) -> list[int]:
 # ---- config ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("config,message", [
-    ({"method": "eagle3", "model": "RedHatAI/gpt-oss-120b-speculator.eagle3", "num_speculative_tokens": 3},
-     r"EAGLE-3 draft model\) is not built yet"),
+    ({"method": "eagle3", "num_speculative_tokens": 3}, "method 'eagle3' needs 'model'"),
+    ({"method": "eagle3", "model": "a/head", "prompt_lookup_max": 3}, "only apply to method 'ngram'"),
+    ({"method": "eagle", "model": "a/head", "num_speculative_tokens": 3}, "EAGLE-1 heads"),
     ({"method": "ngram"}, "num_speculative_tokens is required"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
      r"prompt_lookup_min \(4\) must be <= prompt_lookup_max \(2\)"),
-    ({"method": "medusa", "num_speculative_tokens": 2}, "method must be 'ngram'"),
+    ({"method": "medusa", "num_speculative_tokens": 2}, "method must be 'eagle3' or 'ngram'"),
     ({"method": "ngram", "num_speculative_tokens": 2, "model": "some/draft"}, "'model' names a draft model"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "unknown key"),
     ('{"method": "ngram",', "not valid JSON"),
@@ -171,7 +188,8 @@ def _run(llm: LLM, prompts, params, check=False):
             for i in range(len(prompts))]
 
 
-def test_greedy_outputs_are_token_identical_to_no_speculation(copy_model):
+@pytest.mark.parametrize("method", ["ngram", "eagle3", "eagle3-speculators"])
+def test_greedy_outputs_are_token_identical_to_no_speculation(copy_model, copy_head, method):
     prompts = prompts_for(64)
     tokenizer = Tokenizer()
     params = []
@@ -187,7 +205,7 @@ def test_greedy_outputs_are_token_identical_to_no_speculation(copy_model):
     # A small KV pool and token budget: preemption, chunked prefill and prefix hits all happen.
     common = dict(num_kv_blocks=40, block_size=4, max_model_len=32, max_num_batched_tokens=64, max_num_seqs=32)
     plain = _run(LLM(copy_model, **common), prompts, params)
-    spec = LLM(copy_model, speculative_config=NGRAM, **common)
+    spec = LLM(copy_model, speculative_config=spec_config(method, copy_head), **common)
     cut_runs = []  # runs a stop or a limit ended early: the tokens after it must be dropped
     append_run = spec.engine._append_run
 
@@ -204,25 +222,31 @@ def test_greedy_outputs_are_token_identical_to_no_speculation(copy_model):
         for ca, cb in zip(a, b):
             if ca[3] is not None:
                 assert [list(e) for e in ca[3]] == [list(e) for e in cb[3]]
-                assert all(math.isclose(e1[t].logprob, e2[t].logprob, rel_tol=1e-5, abs_tol=1e-4)
+                # Same tokens and ranks; values within float32 noise: the copy model's logits are ~40
+                # in size and batches differ with speculation, so a step's sums round differently.
+                assert all(math.isclose(e1[t].logprob, e2[t].logprob, rel_tol=1e-4, abs_tol=1e-4)
                            for e1, e2 in zip(ca[3], cb[3]) for t in e1)
     stats = spec.engine.stats()
-    assert stats["spec_decode_num_accepted_tokens"] > 0
     assert stats["spec_decode_num_draft_tokens"] > stats["spec_decode_num_accepted_tokens"]  # some rejected
-    assert 1 < stats["spec_decode_mean_acceptance_length"] <= 1 + NGRAM["num_speculative_tokens"]
     assert stats["num_preemptions"] > 0 and spec.engine.block_manager.hash_to_block
     assert any(b[0][2] == "stop" for b in got) and any(b[0][2] == "length" for b in got)
-    assert "stop" in cut_runs
+    if method != "eagle3-speculators":  # drafts that the target often accepts
+        assert stats["spec_decode_num_accepted_tokens"] > 0
+        assert 1 < stats["spec_decode_mean_acceptance_length"] <= 1 + NGRAM["num_speculative_tokens"]
+        assert "stop" in cut_runs
+    else:
+        assert stats["spec_decode_num_drafts"] > 100
     bm = spec.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
 
 
-def test_seeded_sampling_reproduces_and_matches_no_speculation(copy_model):
+@pytest.mark.parametrize("method", ["ngram", "eagle3"])
+def test_seeded_sampling_reproduces_and_matches_no_speculation(copy_model, copy_head, method):
     prompts = prompts_for(6, seed=1)
     params = [SamplingParams(temperature=0.8, top_p=0.95 if i % 3 else 1.0, seed=100 + i, max_tokens=12,
                              ignore_eos=True, presence_penalty=0.2 if i % 2 else 0.0) for i in range(6)]
     common = dict(num_kv_blocks=128, block_size=4, max_model_len=64)
-    spec = LLM(copy_model, speculative_config=NGRAM, **common)
+    spec = LLM(copy_model, speculative_config=spec_config(method, copy_head), **common)
     first = _run(spec, prompts, params)
     assert _run(spec, prompts, params) == first
     assert spec.engine.stats()["spec_decode_num_accepted_tokens"] > 0

@@ -161,4 +161,4 @@ def load_eagle3_weights(head: Eagle3Head, path: str, target_embedding: torch.nn.
     else:
         weight = target_embedding.weight
         _check("embed_tokens.weight", path, own_embedding, weight)
-        head.embed_tokens = nn.Embedding.from_pretrained(own_embedding.to(weight.dtype, weight.device))
+        head.embed_tokens = nn.Embedding.from_pretrained(own_embedding.to(device=weight.device, dtype=weight.dtype))
