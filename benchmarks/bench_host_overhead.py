@@ -2,6 +2,8 @@
 
     python benchmarks/bench_host_overhead.py --num-seqs 256 --steps 200
 
+It runs FINAL_ONLY outputs, then DELTA outputs (--output-kind picks one), each on a fresh engine.
+
 The model is replaced by one that does no work (zero hidden states, zero logits over a small
 vocab), so what is timed is the engine's own Python and tensor bookkeeping. Goal: <= 0.5 ms/step.
 The steps are timed whole first, then again with a timer around each phase (the median ms of each;
@@ -37,38 +39,42 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--vocab", type=int, default=1024, help="width of the stub logits")
-    ap.add_argument("--output-kind", choices=["delta", "final_only"], default="delta")
+    ap.add_argument("--output-kind", choices=["both", "final_only", "delta"], default="both",
+                    help="final_only: as LLM.generate runs, outputs only for finished requests; delta: an output "
+                         "per request every step, as the server and the worker consume them; both: one after the other")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    max_model_len = 64 + 2 * args.steps + 64  # the prompt, both timed runs, warm-up
-    llm = LLM(None, max_num_seqs=args.num_seqs, num_kv_blocks=args.num_seqs * (max_model_len // 16 + 1),
+    for kind in ["final_only", "delta"] if args.output_kind == "both" else [args.output_kind]:
+        run(kind, args.num_seqs, args.steps, args.vocab)
+
+
+def run(kind: str, num_seqs: int, steps: int, vocab: int) -> None:
+    max_model_len = 64 + 2 * steps + 64  # the prompt, both timed runs, warm-up
+    llm = LLM(None, max_num_seqs=num_seqs, num_kv_blocks=num_seqs * (max_model_len // 16 + 1),
               max_model_len=max_model_len)
     engine = llm.engine
-    engine.runner.model = NoWorkModel(args.vocab)
-    # DELTA (default): an output per request every step, as the server and the worker consume them;
-    # final_only: as LLM.generate runs, outputs only for finished requests.
-    params = SamplingParams(temperature=0, max_tokens=2 * args.steps + 10, ignore_eos=True,
-                            output_kind=RequestOutputKind[args.output_kind.upper()])
-    for i in range(args.num_seqs):
+    engine.runner.model = NoWorkModel(vocab)
+    params = SamplingParams(temperature=0, max_tokens=2 * steps + 10, ignore_eos=True,
+                            output_kind=RequestOutputKind[kind.upper()])
+    for i in range(num_seqs):
         engine.add_request(str(i), {"prompt_token_ids": [1000 + i] * 64}, params)
     while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # the prefills
-    assert len(engine.scheduler.running) == args.num_seqs
+    assert len(engine.scheduler.running) == num_seqs
     for _ in range(5):
         engine.step()
     timings = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         start = time.perf_counter()
         engine.step()
         timings.append(time.perf_counter() - start)
     timings.sort()
     ms = [t * 1e3 for t in timings]
-    print(f"{args.num_seqs} running sequences, {args.steps} decode steps, no-work model (vocab {args.vocab}), "
-          f"{args.output_kind} outputs")
+    print(f"{num_seqs} running sequences, {steps} decode steps, no-work model (vocab {vocab}), {kind} outputs")
     print(f"per step: median {ms[len(ms) // 2]:.3f} ms, p10 {ms[len(ms) // 10]:.3f} ms, p90 {ms[9 * len(ms) // 10]:.3f} ms")
-    print(f"per sequence: {ms[len(ms) // 2] / args.num_seqs * 1e3:.2f} us")
+    print(f"per sequence: {ms[len(ms) // 2] / num_seqs * 1e3:.2f} us")
     phases = _time_phases(engine)
-    for _ in range(args.steps):
+    for _ in range(steps):
         engine.step()
     for name, values in phases.items():
         values.sort()

@@ -262,15 +262,17 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Streams text token by token; never splits a UTF-8 character across pieces.
 
-    Per token: one dict lookup for the text when no character is pending (the common case),
-    otherwise a dict lookup for the bytes and one incremental-decoder step; no re-decoding.
+    Per token: one dict lookup for the text when no character is pending and the token is not
+    special (the common case), otherwise a dict lookup for the bytes and one incremental-decoder
+    step; no re-decoding.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._cache = tokenizer._bytes_cache  # shared across streams; filled on first sight
         self._texts = tokenizer._text_cache  # shared too: token -> text, from an empty decoder
         self._token_bytes = tokenizer.token_bytes
-        self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self._specials = tokenizer.special_ids
+        self._skip = self._specials if skip_special_tokens else frozenset()
         # errors="replace": truly invalid bytes become U+FFFD instead of raising mid-stream.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = False  # the decoder holds the first bytes of an unfinished character
@@ -278,21 +280,22 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the text it completed ("" while a character is incomplete)."""
-        if token_id in self._skip:
-            return ""
         if not self._pending:
-            # From an empty decoder a token always decodes the same way: reuse that text.
+            # From an empty decoder a token always decodes the same way: reuse that text. Special
+            # tokens are never cached, so a cached token needs no skip check.
             piece = self._texts.get(token_id)
             if piece is not None:
                 if piece:
                     self._pieces.append(piece)
                 return piece
+        if token_id in self._skip:
+            return ""
         b = self._cache.get(token_id)
         if b is None:
             b = self._token_bytes(token_id)
         piece = self._decoder.decode(b)
         was_pending, self._pending = self._pending, bool(self._decoder.buffer)
-        if not was_pending and not self._pending:
+        if not was_pending and not self._pending and token_id not in self._specials:
             self._texts[token_id] = piece
         if piece:
             self._pieces.append(piece)

@@ -337,7 +337,9 @@ class LLMEngine:
         """multi: each sequence has a run of tokens (accepted drafts + one) instead of one token."""
         now = time.monotonic()
         touched: dict[str, Request] = {}  # the requests that have an output to give this step
+        ended: set[str] = set()  # the requests with a sequence finished this step: only these can be done
         finished, final_only = SequenceStatus.FINISHED, RequestOutputKind.FINAL_ONLY
+        append_text_and_check_stop = self._append_text_and_check_stop
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs):
             if seq.status is finished:  # its request failed earlier in this step
                 continue
@@ -351,24 +353,25 @@ class LLMEngine:
                     seq.token_ids.append(token)
                     if lp is not None:
                         self._record_logprobs(seq, token, lp)
-                    self._append_text_and_check_stop(seq, token)
+                    append_text_and_check_stop(seq, token)
             except Exception as error:  # e.g. a detokenizer error: this request's alone
                 touched.pop(request.request_id, None)
                 self._fail_request(request, error)
                 continue
             if seq.finish_reason is not None:
                 self.scheduler.remove(seq)
-            elif request.params.output_kind is final_only:  # nobody reads it before the end
+                ended.add(request.request_id)
+            elif seq.output_kind is final_only:  # nobody reads it before the end
                 continue
             touched[request.request_id] = request
         outputs = []
-        for request in touched.values():
-            done = request.is_finished
-            if done:
-                self.requests.pop(request.request_id, None)
-            elif request.params.output_kind is final_only:
-                continue
-            outputs.append(self._make_output(request, done))
+        make_output = self._make_output
+        for request_id, request in touched.items():
+            if ended and request_id in ended and request.is_finished:
+                self.requests.pop(request_id, None)
+                outputs.append(make_output(request, True))
+            elif request.params.output_kind is not final_only:
+                outputs.append(make_output(request, False))
         return outputs
 
     def _append_run(self, seq: Sequence, tokens: list[int], logprobs: list) -> None:
@@ -397,8 +400,10 @@ class LLMEngine:
 
     def _append_text_and_check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        n_out = len(seq.token_ids) - seq.num_prompt_tokens
-        if n_out >= p.min_tokens:
+        num_tokens = len(seq.token_ids)
+        n_out = num_tokens - seq.num_prompt_tokens
+        may_stop = n_out >= p.min_tokens
+        if may_stop and (token in self.eos_token_ids or token in p.stop_token_ids):
             is_eos = token in self.eos_token_ids and not p.ignore_eos
             if is_eos or token in p.stop_token_ids:
                 # A stop token's text never shows, whatever skip_special_tokens says.
@@ -410,9 +415,9 @@ class LLMEngine:
         if piece:
             prev_len = len(seq.text)
             seq.text += piece
-            if p.stop_strings and n_out >= p.min_tokens and self._check_stop_strings(seq, prev_len):
+            if may_stop and p.stop_strings and self._check_stop_strings(seq, prev_len):
                 return
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len:
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
     @staticmethod
@@ -438,26 +443,32 @@ class LLMEngine:
         completions = []
         for seq in request.seqs:
             done = seq.finish_reason is not None
-            num_out = len(seq.token_ids) - seq.num_prompt_tokens
+            token_ids, sent_tokens = seq.token_ids, seq.sent_token_len
+            start = seq.num_prompt_tokens
+            num_out = len(token_ids) - start
             # DELTA: only choices with news: new tokens, or the finish not yet reported.
-            if delta and (seq.finish_reported or (num_out == seq.sent_token_len and not done)):
+            if delta and (num_out == sent_tokens and not done or seq.finish_reported):
                 continue
-            text = seq.text
-            # Hold back text that may still turn out to be the start of a stop string.
-            visible = len(text) if done else max(seq.sent_text_len, len(text) - seq.stop_buffer_length)
+            text, logprobs = seq.text, seq.logprobs
+            visible = len(text)
+            if seq.stop_buffer_length and not done:
+                # Hold back text that may still turn out to be the start of a stop string.
+                visible = max(seq.sent_text_len, visible - seq.stop_buffer_length)
             if delta:
                 seq.finish_reported = done
                 text = text[seq.sent_text_len:visible]
-                token_ids = seq.token_ids[seq.num_prompt_tokens + seq.sent_token_len:]
-                logprobs = seq.logprobs[seq.sent_token_len:] if seq.logprobs is not None else None
+                start += sent_tokens
+                if logprobs is not None:
+                    logprobs = logprobs[sent_tokens:]
             else:
-                # A copy: the engine keeps appending to seq.logprobs (from its own thread, under AsyncEngine).
-                logprobs = list(seq.logprobs) if seq.logprobs is not None else None
-                text, token_ids = text[:visible], seq.token_ids[seq.num_prompt_tokens:]
+                text = text[:visible]
+                if logprobs is not None:
+                    # A copy: the engine keeps appending to seq.logprobs (from its own thread, under AsyncEngine).
+                    logprobs = list(logprobs)
             seq.sent_text_len, seq.sent_token_len = visible, num_out
             # Positional arguments (one output per request per step: keywords would cost twice as much).
             completions.append(CompletionOutput(
-                seq.index, text, token_ids, seq.cumulative_logprob if seq.logprobs is not None else None,
+                seq.index, text, token_ids[start:], None if logprobs is None else seq.cumulative_logprob,
                 logprobs, seq.finish_reason, seq.stop_reason))
         metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
                    "finished_time": time.monotonic() if finished else None}

@@ -59,6 +59,7 @@ class Sequence:
         # Read once (the engine asks for them every step; params do not change after submission).
         self.stop_buffer_length = params.stop_buffer_length
         self.plain_greedy = _is_plain_greedy(params)
+        self.output_kind = params.output_kind
         # Waiting-queue order: lower priority value first, then arrival (preempted ones keep theirs).
         self.sort_key = (request.priority, next(_arrival_counter))
 
