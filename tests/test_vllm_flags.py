@@ -49,8 +49,8 @@ def test_worker_vllm_gpt_oss_config_loads(tmp_path, gpt_oss_yaml, caplog):
     assert (config.model, config.max_model_len, config.gpu_memory_utilization) == ("openai/gpt-oss-120b", 8192, 0.95)
     assert config.enable_prefix_caching and not config.enforce_eager
     notes = caplog.text
-    assert "ignoring speculative-config: method 'eagle3' (an EAGLE draft model) is not built yet" in notes
-    assert config.speculative_config is None
+    assert config.speculative_config == {"method": "eagle3", "model": "RedHatAI/gpt-oss-120b-speculator.eagle3",
+                                         "revision": None, "num_speculative_tokens": 3, "disable_by_batch_size": 32}
     assert "ignoring trust-remote-code" in notes
 
 

@@ -15,7 +15,6 @@ import typing
 from pydantic import ValidationError
 
 from minivllm.config import EngineArgs
-from minivllm.model_registry import served_name_of
 
 logger = logging.getLogger("minivllm.cli")
 
@@ -129,7 +128,7 @@ def with_config_and_env(parser: argparse.ArgumentParser, args: argparse.Namespac
     """Re-parse the command line over defaults from the --config file, then the engine args set
     by environment variables (MAX_MODEL_LEN, ...): flags given on the command line still win."""
     from minivllm.worker.config import engine_settings_from_env
-    from minivllm.worker.vllm_flags import FlagError, read_config_file, without_unbuilt_speculation
+    from minivllm.worker.vllm_flags import FlagError, read_config_file
 
     try:
         defaults = read_config_file(args.config) if args.config else {}
@@ -142,7 +141,7 @@ def with_config_and_env(parser: argparse.ArgumentParser, args: argparse.Namespac
     env = engine_settings_from_env()
     if not defaults and not env:
         return args
-    parser.set_defaults(**without_unbuilt_speculation({**defaults, **env}, "the config file and environment"))
+    parser.set_defaults(**{**defaults, **env})
     reparsed = parser.parse_args(args.argv[1:])  # the subcommand's own arguments
     reparsed.argv = args.argv
     return reparsed

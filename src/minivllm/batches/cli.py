@@ -41,7 +41,8 @@ def add_batch_parser(subparsers) -> None:
 
 
 def batch_run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from minivllm.cli import engine_args_from, served_name_of
+    from minivllm.cli import engine_args_from
+    from minivllm.model_registry import served_name_of
     from minivllm.engine.async_engine import AsyncEngine
     from minivllm.openai.serving import OpenAIServing
 

@@ -20,13 +20,7 @@ from pydantic import Field, ValidationError
 
 from minivllm.config import EngineArgs
 from minivllm.limits import RequestLimits
-from minivllm.worker.vllm_flags import (
-    FLAG_ALIASES,
-    FlagError,
-    parse_extra_args,
-    read_config_file,
-    without_unbuilt_speculation,
-)
+from minivllm.worker.vllm_flags import FLAG_ALIASES, FlagError, parse_extra_args, read_config_file
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +115,6 @@ class WorkerConfig(EngineArgs, RequestLimits):
                 _add_flags(values, origins, parse_extra_args(environ["VLLM_EXTRA_ARGS"]), "VLLM_EXTRA_ARGS")
         except FlagError as e:
             raise ConfigError(str(e)) from None
-        values = without_unbuilt_speculation(values, "the worker's settings")
         local = _read_local_args(local_args_path)
         repo_ids = [repo_id_of(v) for v in (local.get("model"), values.get("model")) if isinstance(v, str)]
         shown_path = local_args_path.replace("{", "{{").replace("}", "}}")

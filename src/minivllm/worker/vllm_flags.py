@@ -9,7 +9,6 @@ logged note (IGNORED_FLAGS); any other unknown flag is the caller's to reject, n
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 from typing import Any
@@ -91,19 +90,3 @@ def _settings(flags: dict[str, Any], source: str) -> dict[str, Any]:
             continue
         out[name] = value
     return out
-
-
-def without_unbuilt_speculation(settings: dict[str, Any], source: str) -> dict[str, Any]:
-    """A deployment's EAGLE draft model (worker-vllm's gpt-oss configs name one) is not built yet:
-    warn once and run without speculation rather than refuse to start. n-gram configs pass."""
-    spec = settings.get("speculative_config")
-    if isinstance(spec, str):
-        try:
-            spec = json.loads(spec)
-        except ValueError:
-            return settings  # the schema reports it
-    if isinstance(spec, dict) and spec.get("method") in ("eagle3", "eagle"):
-        logger.warning("%s: ignoring speculative-config: method %r (an EAGLE draft model) is not built yet, so "
-                       "the model runs without speculation (method 'ngram' is)", source, spec["method"])
-        return {k: v for k, v in settings.items() if k != "speculative_config"}
-    return settings
