@@ -61,6 +61,29 @@ def test_a_speculators_head_computes_what_speculators_computes():
     torch.testing.assert_close(fed_back[0], golden["step_hidden_out"], rtol=0, atol=1e-5)
 
 
+def test_the_eagle_modelopt_layout_loads_the_same_head(tmp_path):
+    """A head as EAGLE's own code and ModelOpt write it: Llama fields at the top, `midlayer.*` weights."""
+    config = json.loads((Path(HEAD) / "config.json").read_text())
+    flat = {**config["transformer_layer_config"], "architectures": ["LlamaForCausalLMEagle3"],
+            "draft_vocab_size": 256, "norm_before_residual": True, "norm_before_fc": True,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}}
+    (tmp_path / "config.json").write_text(json.dumps(flat))
+    tensors = load_file(str(Path(HEAD) / "model.safetensors"))
+    save_file({k.replace("layers.0.", "midlayer."): v for k, v in tensors.items()},
+              str(tmp_path / "model.safetensors"))
+    target_config = GptOssConfig.from_folder(default_model_path())
+    heads, embedding = [], torch.nn.Embedding(201088, 64)
+    for path in (HEAD, str(tmp_path)):
+        config = Eagle3Config.from_folder(path, target_config)
+        head = Eagle3Head(config, torch.float32, REFERENCE_OPS, max_positions=64)
+        load_eagle3_weights(head, path, embedding)
+        heads.append((config, head))
+    (a, head_a), (b, head_b) = heads
+    assert (b.aux_layer_ids, b.num_speculative_tokens) == ([1, 2, 3], None)
+    assert {**vars(a), "num_speculative_tokens": None} == vars(b)
+    assert all(torch.equal(head_a.state_dict()[k], v) for k, v in head_b.state_dict().items())
+
+
 def _reference_drafts(engine, tokens: list[int], k: int) -> list[int]:
     """The head's k drafts after `tokens`, computed from scratch: one target prefill for the aux
     states, one head pass over every position, then k - 1 single-row steps."""

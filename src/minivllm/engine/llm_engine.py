@@ -50,10 +50,10 @@ class LLMEngine:
                 f"KV blocks but the cache has {self.block_manager.num_blocks}: lower max_model_len or give the "
                 "KV cache more memory")
         spec = args.speculative_config
+        # An EAGLE-3 head drafts right after each step (see step); n-gram drafts when the scheduler asks.
         self.drafter = self._make_drafter(spec)
-        proposer = self.drafter
-        if spec is not None and spec["method"] == "ngram":
-            proposer = NgramProposer(spec["num_speculative_tokens"], spec["prompt_lookup_min"], spec["prompt_lookup_max"])
+        proposer = self.drafter or (NgramProposer(spec["num_speculative_tokens"], spec["prompt_lookup_min"],
+                                                  spec["prompt_lookup_max"]) if spec else None)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, proposer,
                                    self.max_model_len, spec["disable_by_batch_size"] if spec else 0,
                                    args.background_priority, fixed_chunks=args.deterministic)

@@ -11,7 +11,7 @@ the first to give up a sequence slot or their blocks to an arriving request, and
 On the reference path every sequence in a step lengthens it, so this is what keeps a real-time
 request's latency beside a running batch at its idle value.
 
-Speculative decoding (n-gram): once the real work is placed, decodes get draft tokens from the
+Speculative decoding (EAGLE-3 or n-gram): once the real work is placed, decodes get draft tokens from the
 token budget that is left, so drafts never displace a prefill chunk, a decode or an admission,
 and never cause a preemption (a draft that needs a block none is free for is dropped). It is off
 for a step with more than `disable_by_batch_size` running sequences (a big batch keeps the device
@@ -24,6 +24,7 @@ import bisect
 
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.engine.spec_decode.eagle3 import Eagle3Proposer
 from minivllm.engine.spec_decode.ngram import NgramProposer
 
 # The token budget of a step of background work only: a real-time request that arrives waits for
@@ -34,7 +35,7 @@ LONG_CONTEXT = 8192  # context up to which a prefill chunk may use the whole tok
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 proposer: NgramProposer | None = None, max_model_len: int | None = None,
+                 proposer: NgramProposer | Eagle3Proposer | None = None, max_model_len: int | None = None,
                  disable_by_batch_size: int = 0, background_priority: int | None = None,
                  fixed_chunks: bool = False):
         self.block_manager = block_manager

@@ -72,6 +72,8 @@ class Eagle3Config:
 
     @classmethod
     def from_dict(cls, raw: dict, target: GptOssConfig, where: str = "config.json") -> "Eagle3Config":
+        if "speculators_model_type" not in raw and any("Eagle3" in a for a in raw.get("architectures") or ()):
+            raw = _from_flat_layout(raw)
         if raw.get("speculators_model_type") != "eagle3":
             raise ValueError(f"{where}: not an EAGLE-3 head in the speculators format "
                              f"(speculators_model_type is {raw.get('speculators_model_type')!r}, expected 'eagle3')")
@@ -120,6 +122,18 @@ class Eagle3Config:
     def kv_bytes_per_token(self) -> int:
         """K and V of all draft layers, per token, per element byte."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def _from_flat_layout(raw: dict) -> dict:
+    """The EAGLE / ModelOpt layout (architectures LlamaForCausalLMEagle3, the Llama fields at the
+    top, the aux layer ids in `eagle_config`) as the speculators layout."""
+    eagle = raw.get("eagle_config") or {}
+    return {"speculators_model_type": "eagle3", "transformer_layer_config": {"model_type": "llama", **raw},
+            "draft_vocab_size": raw.get("draft_vocab_size", raw.get("vocab_size")),
+            "target_hidden_size": raw.get("target_hidden_size"),
+            "eagle_aux_hidden_state_layer_ids": eagle.get("eagle_aux_hidden_state_layer_ids"),
+            **{key: raw[key] for key in ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
+               if key in raw}}
 
 
 class DraftAttention(nn.Module):

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # HF stores unquantized experts (E, in, out); we keep every expert weight (E, out, in) like MXFP4.
 _TRANSPOSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_EAGLE3_UNUSED = ("t2d", "verifier_norm.weight", "verifier_lm_head.weight")  # training-time tensors
 
 
 def resolve_model_path(model: str | None, revision: str | None = None, token: str | None = None,
@@ -135,7 +136,7 @@ def load_eagle3_weights(head: Eagle3Head, path: str, target_embedding: torch.nn.
         with safe_open(file, framework="pt", device="cpu") as f:
             for stored in f.keys():
                 name = stored.removeprefix("model.").replace("midlayer.", "layers.0.", 1)
-                if name in ("t2d", "verifier_norm.weight", "verifier_lm_head.weight") or name.endswith(_IGNORED_SUFFIXES):
+                if name in _EAGLE3_UNUSED or name.endswith(_IGNORED_SUFFIXES):
                     continue
                 tensor = f.get_tensor(stored)
                 if name == "embed_tokens.weight":

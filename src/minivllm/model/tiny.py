@@ -151,8 +151,8 @@ def eagle3_head_config(target_cfg: dict, draft_vocab_size: int, aux_layer_ids: l
                  num_key_value_heads=target_cfg["num_key_value_heads"], head_dim=target_cfg["head_dim"],
                  num_hidden_layers=1, vocab_size=target_cfg["vocab_size"], rms_norm_eps=1e-5,
                  max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    return {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "transformer_layer_config": layer,
-            "draft_vocab_size": draft_vocab_size, "norm_before_fc": norm_before_fc,
+    return {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+            "transformer_layer_config": layer, "draft_vocab_size": draft_vocab_size, "norm_before_fc": norm_before_fc,
             "eagle_aux_hidden_state_layer_ids": aux_layer_ids,
             "speculators_config": {"algorithm": "eagle3", "default_proposal_method": "greedy",
                                    "proposal_methods": [{"proposal_type": "greedy",
