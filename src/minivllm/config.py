@@ -41,6 +41,10 @@ class EngineArgs(BaseModel):
         False, description="Batch-invariant results: a request's tokens (greedy or seeded) and logprobs are the same "
         "alone or in any batch. Each request's part of a step runs alone, prefill chunks have fixed sizes, no "
         "prefix caching; costs the batching's speed-up.")
+    async_scheduling: bool | None = Field(
+        None, description="Overlap: schedule and launch step N+1 before processing step N's tokens, so the host's work "
+        "hides behind the device's. none: on with a CUDA device (off with speculative decoding, deterministic mode, "
+        "tp > 1); false: off (debugging); true: on, also on a CPU (same outputs, no gain there).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
     seed: int = Field(0, description="Seed of the engine's global random generator.")
@@ -66,6 +70,22 @@ class EngineArgs(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _check_async_scheduling(self) -> "EngineArgs":
+        if self.async_scheduling:
+            clash = [name for name, on in (("speculative_config", self.speculative_config is not None),
+                                            ("deterministic", self.deterministic),
+                                            ("tensor_parallel_size > 1", self.tensor_parallel_size > 1)) if on]
+            if clash:
+                raise ValueError(f"async_scheduling does not combine with {', '.join(clash)} (yet)")
+        return self
+
+    def resolved_async_scheduling(self) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return (self.resolved_device().type == "cuda" and self.speculative_config is None and not self.deterministic
+                and self.tensor_parallel_size == 1)
+
+    @model_validator(mode="after")
     def _check_eagle3_tp(self) -> "EngineArgs":
         spec = self.speculative_config
         if spec is not None and spec["method"] == "eagle3" and self.tensor_parallel_size > 1:
@@ -73,7 +93,7 @@ class EngineArgs(BaseModel):
                              "(the head needs the target's aux hidden states on one rank); use 'ngram' or tp 1")
         return self
 
-    @field_validator("max_model_len", "num_kv_blocks", "background_priority", mode="before")
+    @field_validator("max_model_len", "num_kv_blocks", "background_priority", "async_scheduling", mode="before")
     @classmethod
     def _none_text(cls, value):
         """`none` (an env var, a config file) unsets an optional number, as the flags' `none` does."""

@@ -94,7 +94,8 @@ class BlockManager:
         Called at schedule time: a block counts once this step will have written it, which is safe
         because each layer writes the step's K/V before any sequence attends.
         """
-        num_full = min(num_tokens, seq.num_tokens) // self.block_size
+        # Only blocks of known tokens: a pending token (async scheduling) waits for a later call.
+        num_full = min(num_tokens, len(seq.token_ids)) // self.block_size
         if num_full <= len(seq.block_hashes) or not self.enable_prefix_caching:
             return
         prev_hash = seq.block_hashes[-1] if seq.block_hashes else None

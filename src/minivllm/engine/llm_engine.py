@@ -63,6 +63,9 @@ class LLMEngine:
         self.sampler = Sampler(sorted(self.eos_token_ids), torch.Generator(self.runner.device).manual_seed(args.seed))
         self.requests: dict[str, Request] = {}
         self.failed: list[tuple[str, Exception]] = []
+        self.async_scheduling = args.resolved_async_scheduling()
+        self._in_flight: Launched | None = None  # async scheduling: the step launched, not yet processed
+        self.num_overlapped_steps = 0  # steps processed while the next one was already launched
 
     def _make_drafter(self, spec: dict | None) -> Eagle3Proposer | None:
         if spec is None or spec["method"] != "eagle3":
@@ -151,12 +154,45 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step. An error that one request causes fails that request only (see take_failed):
         a failed phase is retried one request at a time to find who caused it, and the others go on
-        (a request alone in its step that fails is failed; the requests waiting are untouched)."""
+        (a request alone in its step that fails is failed; the requests waiting are untouched).
+
+        With async scheduling the outputs are those of the step before (see _step_async)."""
+        if self.async_scheduling:
+            return self._step_async()
         batch = self.scheduler.schedule()
         if not batch:
             return []
         if self.args.deterministic:
             return self._step_each_request_alone(batch)
+        launched = self._launch(batch)
+        return self._finish(launched) if launched is not None else []
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedule and launch this step, then process the step in flight while the device runs
+        this one, so the host's work (scheduling, input preparation, detokenizing, stop checks,
+        outputs) hides behind the device's. This step's decodes take the in-flight step's tokens on
+        the device. A sequence the in-flight step finishes (a stop token) runs one wasted row here.
+        A step whose sampling reads the token history (penalties, min_tokens) first processes the
+        step in flight, as does a step with nothing to launch."""
+        batch = self.scheduler.schedule()
+        in_flight, self._in_flight = self._in_flight, None
+        outputs: list[RequestOutput] = []
+        if in_flight is not None and (not batch or any(_reads_history(seq) for seq, _ in batch)):
+            outputs, in_flight = self._finish(in_flight), None
+            batch = [(seq, n) for seq, n in batch if seq.status is SequenceStatus.RUNNING]
+        if batch:
+            launched = self._launch(batch, defer=True)
+            if launched is not None:
+                for row, seq in enumerate(launched.work.seqs):
+                    seq.pending_tokens.append((launched.result.token_ids, row))
+                self._in_flight = launched
+        if in_flight is not None:
+            self.num_overlapped_steps += self._in_flight is not None
+            outputs = self._finish(in_flight)
+        return outputs
+
+    def _launch(self, batch: list[tuple[Sequence, int]], defer: bool = False) -> "Launched | None":
+        """The model forward and sampling of a step (defer: the sampled ids may stay on the device)."""
         try:
             work = self._execute(batch)
         except TensorParallelError:  # a rank died: no request can run any more
@@ -165,12 +201,12 @@ class LLMEngine:
             groups = _by_request(batch)
             if len(groups) == 1:
                 self._fail_request(batch[0][0].request, error)
-                return []
+                return None
             work = self._execute_isolated(self._without_dependents(batch, groups))
         # Drafts this step: each sampled sequence gets 1 + len(its drafts) rows and keeps a run of tokens.
         multi = bool(self.scheduler.drafted)
         try:
-            result = self._sample(work.logits, work.seqs, multi)
+            result = self._sample(work.logits, work.seqs, multi, defer)
         except Exception:
             work, result = self._sample_isolated(work, multi)
         if work.prompt_targets:
@@ -179,9 +215,13 @@ class LLMEngine:
             except Exception as error:  # the requests that asked for prompt logprobs fail, the rest go on
                 for request in {seq.request.request_id: seq.request for seq, _ in work.prompt_targets}.values():
                     self._fail_request(request, error)
-        outputs = self._postprocess(work.seqs, result, multi)
+        return Launched(work, result, multi)
+
+    def _finish(self, launched: "Launched") -> list[RequestOutput]:
+        """Process a launched step's tokens: append them, check stops, build the outputs, draft."""
+        outputs = self._postprocess(launched.work.seqs, launched.result, launched.multi)
         if self.drafter is not None:
-            self._draft(work.draft_rows)
+            self._draft(launched.work.draft_rows)
         return outputs
 
     def _draft(self, rows: list) -> None:
@@ -214,8 +254,9 @@ class LLMEngine:
             logprobs += result.logprobs
         return self._postprocess(seqs, SampleResult(token_ids, logprobs))
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], multi: bool) -> SampleResult:
-        return verify(self.sampler, logits, seqs) if multi else self.sampler(logits, seqs)
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], multi: bool,
+                defer: bool = False) -> SampleResult:
+        return verify(self.sampler, logits, seqs) if multi else self.sampler(logits, seqs, defer)
 
     def _execute(self, batch: list[tuple[Sequence, int]]) -> "StepWork":
         """The model forward of a batch; sequences' computed-token counts move on only on success."""
@@ -234,7 +275,7 @@ class LLMEngine:
                 row += num_new
             # Drafts' K/V counts only once they are accepted (in _postprocess).
             seq.num_computed_tokens += num_new - len(seq.spec_token_ids)
-            if seq.num_computed_tokens == len(seq.token_ids):
+            if seq.num_computed_tokens == len(seq.token_ids) + len(seq.pending_tokens):
                 to_sample.append(seq)
         return StepWork(to_sample, logits, prompt_hidden, prompt_targets, draft_rows)
 
@@ -350,6 +391,8 @@ class LLMEngine:
                 if multi:
                     self._append_run(seq, token, lp)
                 else:
+                    if seq.pending_tokens:  # async scheduling: this is its oldest pending token
+                        del seq.pending_tokens[0]
                     seq.token_ids.append(token)
                     if lp is not None:
                         self._record_logprobs(seq, token, lp)
@@ -482,6 +525,7 @@ class LLMEngine:
             "num_waiting": len(self.scheduler.waiting),
             "kv_cache_usage": self.block_manager.usage(),
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_overlapped_steps": self.num_overlapped_steps,
             "spec_decode_num_drafts": self.spec_num_drafts,
             "spec_decode_num_draft_tokens": self.spec_num_draft_tokens,
             "spec_decode_num_accepted_tokens": self.spec_num_accepted_tokens,
@@ -489,6 +533,24 @@ class LLMEngine:
             "spec_decode_mean_acceptance_length": (1 + self.spec_num_accepted_tokens / self.spec_num_drafts
                                                    if self.spec_num_drafts else 0.0),
         }
+
+
+@dataclass
+class Launched:
+    """A step whose model forward and sampling ran (or, on a GPU, were queued) and whose tokens
+    are not processed yet."""
+
+    work: "StepWork"
+    result: SampleResult
+    multi: bool
+
+
+def _reads_history(seq: Sequence) -> bool:
+    """Whether sampling this sequence reads its token history (async scheduling must process the
+    step in flight first): repetition / presence / frequency penalties, and min_tokens not yet met."""
+    p = seq.params
+    return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                or p.min_tokens > seq.num_output_tokens)
 
 
 @dataclass

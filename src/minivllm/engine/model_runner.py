@@ -17,6 +17,7 @@ from minivllm.distributed.driver import TensorParallelDriver
 from minivllm.distributed.parallel_state import min_over_ranks
 from minivllm.distributed.workers import Workers
 from minivllm.engine.cuda_graphs import DecodeGraphs, uncapturable_ops
+from minivllm.engine.sampler import SampledTokens
 from minivllm.engine.sequence import Sequence
 from minivllm.model.eagle3 import Eagle3Config, Eagle3Head
 from minivllm.model.gpt_oss import GptOssForCausalLM
@@ -118,6 +119,7 @@ class ModelRunner:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         tables: list[list[int]] = []
+        pending: list[tuple[int, SampledTokens, int]] = []  # (step row, the in-flight step's tokens, its row)
         total = 0
         for seq, num_new in batch:
             start = seq.num_computed_tokens
@@ -125,7 +127,15 @@ class ModelRunner:
             table = seq.block_table
             tables.append(table)
             if num_new == 1:  # decode: the common case, kept cheap
-                input_ids.append(seq.token_ids[start])
+                if start < len(seq.token_ids):
+                    input_ids.append(seq.token_ids[start])
+                else:  # async scheduling: the token the step in flight samples, taken on the device below
+                    tokens, row = seq.pending_tokens[start - len(seq.token_ids)]
+                    if isinstance(tokens, SampledTokens):
+                        pending.append((total, tokens, row))
+                        input_ids.append(0)
+                    else:
+                        input_ids.append(tokens[row])
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -140,17 +150,31 @@ class ModelRunner:
             total += num_new
             query_start_loc.append(total)
             context_lens.append(end)
-            if end == len(seq.token_ids):
+            if end == seq.num_tokens:
                 sample_rows.append(total - 1)
-        # numpy turns a list of ints into an array several times faster than torch.tensor does.
-        token_data = torch.from_numpy(np.array(input_ids + positions + slots, dtype=np.int64))
+        # numpy turns a list of ints into an array several times faster than torch.tensor does. The
+        # rows of pending input ids and their rows in the sampled ids ride along (one copy).
+        rows = [r for r, _, _ in pending] + [r for _, _, r in pending]
+        token_data = torch.from_numpy(np.array(input_ids + positions + slots + rows, dtype=np.int64))
         block_tables = self._block_tables.build(tables)
+        lens = None
         if self.device.type == "cuda":
             token_data = token_data.pin_memory().to(self.device, non_blocking=True)
             block_tables = block_tables.pin_memory().to(self.device, non_blocking=True)
+            # The kernels' length tensors too, or building them later would wait for the device.
+            lens = torch.from_numpy(np.array(query_start_loc + context_lens, dtype=np.int32))
+            lens = lens.pin_memory().to(self.device, non_blocking=True)
+        if pending:
+            sources = {id(tokens): tokens for _, tokens, _ in pending}
+            assert len(sources) == 1, "pending tokens come from the one step in flight"
+            n = len(pending)
+            step_rows, sampled_rows = token_data[3 * total:3 * total + n], token_data[3 * total + n:]
+            token_data[:total][step_rows] = pending[0][1].device_tokens[sampled_rows]
         ctx = AttentionContext(
-            slot_mapping=token_data[2 * total:], query_start_loc=query_start_loc, context_lens=context_lens,
+            slot_mapping=token_data[2 * total:3 * total], query_start_loc=query_start_loc, context_lens=context_lens,
             block_tables=block_tables, block_size=bs,
+            query_start_loc_t=None if lens is None else lens[:len(query_start_loc)],
+            context_lens_t=None if lens is None else lens[len(query_start_loc):],
         )
         return token_data[:total], token_data[total:2 * total], ctx, sample_rows
 

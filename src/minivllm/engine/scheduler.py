@@ -11,6 +11,11 @@ the first to give up a sequence slot or their blocks to an arriving request, and
 On the reference path every sequence in a step lengthens it, so this is what keeps a real-time
 request's latency beside a running batch at its idle value.
 
+Async scheduling: a sequence's token sampled by the step still in flight is pending (counted by
+Sequence.num_tokens, value unknown here), so the sequence is scheduled as a decode of it; one whose
+pending token reaches max_tokens or max_model_len is not. Its block is registered for the prefix
+cache once the token is known.
+
 Speculative decoding (EAGLE-3 or n-gram): once the real work is placed, decodes get draft tokens from the
 token budget that is left, so drafts never displace a prefill chunk, a decode or an admission,
 and never cause a preemption (a draft that needs a block none is free for is dropped). It is off
@@ -62,7 +67,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def remove(self, seq: Sequence) -> None:
-        """Take a sequence out of the queues and free its blocks (finish or abort)."""
+        """Take a sequence out of the queues and free its blocks (finish or abort); a token it has
+        pending (async scheduling) is dropped."""
+        seq.pending_tokens.clear()
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:
@@ -88,6 +95,9 @@ class Scheduler:
             seq = self.running[i]
             if foreground and self._is_background(seq):
                 break  # paused: every later one is background too
+            if seq.pending_tokens and self._reaches_length(seq):
+                i += 1  # its pending token ends it (async scheduling): running it again would be waste
+                continue
             if self._is_ready_decode(seq):
                 scheduled.append((seq, 1))
                 budget -= 1
@@ -197,6 +207,12 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         return max(self.block_manager.block_size, budget * LONG_CONTEXT // (seq.num_computed_tokens + budget))
 
+    def _reaches_length(self, seq: Sequence) -> bool:
+        """Whether the sequence's tokens, pending ones included, already reach max_tokens or max_model_len."""
+        num_tokens, max_tokens = seq.num_tokens, seq.params.max_tokens
+        return ((self.max_model_len is not None and num_tokens >= self.max_model_len)
+                or (max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens))
+
     def _is_ready_decode(self, seq: Sequence) -> bool:
         """A decode whose token already has a KV slot and fills no block: the common case.
 
@@ -204,7 +220,7 @@ class Scheduler:
         for the prefix cache (what cache_full_blocks would do), so both calls can be skipped:
         plain integer checks instead, as most steps are all decodes.
         """
-        num_tokens = len(seq.token_ids)
+        num_tokens = len(seq.token_ids) + len(seq.pending_tokens)
         computed = seq.num_computed_tokens
         bm = self.block_manager
         return (num_tokens - computed == 1 and computed < len(seq.block_table) * bm.block_size

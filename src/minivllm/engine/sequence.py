@@ -40,6 +40,9 @@ class Sequence:
         self.spec_token_ids: list[int] = []
         self.ngram_index = None
         self.draft_token_ids: list[int] = []
+        # Async scheduling: tokens sampled but not yet processed, oldest first, as (the step's
+        # sampled ids, this sequence's row); they count as tokens for scheduling (see num_tokens).
+        self.pending_tokens: list[tuple] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -65,7 +68,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the model has or will have seen: token_ids plus any sampled but not yet processed."""
+        return len(self.token_ids) + len(self.pending_tokens)
 
     @property
     def num_output_tokens(self) -> int:
