@@ -80,16 +80,17 @@ def test_the_next_step_launches_before_the_previous_one_is_processed(copy_model)
     """The order that lets the host's work overlap the device's: launch N+1, then process N."""
     llm = LLM(copy_model, async_scheduling=True, **COMMON)
     engine = llm.engine
-    events = []
+    events, steps = [], []  # steps keeps each launched step alive, so that its index names it
     launch, finish = engine._launch, engine._finish
 
     def spy_launch(batch, defer=False):
         launched = launch(batch, defer)
-        events.append(("launch", id(launched)))
+        steps.append(launched)
+        events.append(("launch", len(steps) - 1))
         return launched
 
     def spy_finish(launched):
-        events.append(("finish", id(launched)))
+        events.append(("finish", next(i for i, step in enumerate(steps) if step is launched)))
         return finish(launched)
 
     engine._launch, engine._finish = spy_launch, spy_finish

@@ -126,8 +126,9 @@ class ModelRunner:
             end = start + num_new
             table = seq.block_table
             tables.append(table)
+            num_known = len(seq.token_ids)
             if num_new == 1:  # decode: the common case, kept cheap
-                if start < len(seq.token_ids):
+                if start < num_known:
                     input_ids.append(seq.token_ids[start])
                 else:  # async scheduling: the token the step in flight samples, taken on the device below
                     tokens, row = seq.pending_tokens[start - len(seq.token_ids)]
@@ -150,7 +151,7 @@ class ModelRunner:
             total += num_new
             query_start_loc.append(total)
             context_lens.append(end)
-            if end == seq.num_tokens:
+            if end == num_known or end > num_known and not seq.spec_token_ids:  # the last token (known or pending)
                 sample_rows.append(total - 1)
         # numpy turns a list of ints into an array several times faster than torch.tensor does. The
         # rows of pending input ids and their rows in the sampled ids ride along (one copy).

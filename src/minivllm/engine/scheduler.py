@@ -60,6 +60,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        seq.is_background = self.background_priority is not None and seq.sort_key[0] >= self.background_priority
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq)
 
@@ -166,7 +167,7 @@ class Scheduler:
                 return
 
     def _is_background(self, seq: Sequence) -> bool:
-        return self.background_priority is not None and seq.sort_key[0] >= self.background_priority
+        return seq.is_background  # set by add(): read for every running sequence every step
 
     def _has_foreground(self) -> bool:
         """Whether a request that is not background is running or waiting (both queues are sorted)."""

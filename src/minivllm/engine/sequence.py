@@ -65,6 +65,7 @@ class Sequence:
         self.output_kind = params.output_kind
         # Waiting-queue order: lower priority value first, then arrival (preempted ones keep theirs).
         self.sort_key = (request.priority, next(_arrival_counter))
+        self.is_background = False  # priority >= the scheduler's background_priority (set when it is added)
 
     @property
     def num_tokens(self) -> int:
