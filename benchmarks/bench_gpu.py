@@ -118,6 +118,7 @@ def bench_ours(path: str, s: dict, profile: bool) -> dict:
         llm.generate(prompts, params, use_tqdm=False)
         sync()
         results["decode_tok_s"][bs] = bs * s["new_tokens"] / (time.perf_counter() - start)
+    results["async_scheduling"] = async_on_off(llm, g, s)
     long_prompt = {"prompt_token_ids": random_prompt(g, s["ttft_len"])}
     sync()
     start = time.perf_counter()
@@ -153,6 +154,29 @@ def bench_ours(path: str, s: dict, profile: bool) -> dict:
     engine.shutdown()  # tp > 1: stops the worker ranks
     del llm, engine
     return results
+
+
+def async_on_off(llm, g: torch.Generator, s: dict) -> dict:
+    """Decode tok/s at the smallest and largest batch with async scheduling as configured and then
+    toggled, on the same loaded engine (the host's share of a step is what overlap hides)."""
+    from minivllm import SamplingParams
+
+    engine = llm.engine
+    configured = engine.async_scheduling
+    out = {}
+    for bs in sorted({min(s["batch_sizes"]), max(s["batch_sizes"])}):
+        prompts = [{"prompt_token_ids": random_prompt(g, s["prompt_len"])} for _ in range(bs)]
+        params = SamplingParams(temperature=0, max_tokens=s["new_tokens"], ignore_eos=True)
+        for mode in (configured, not configured):
+            engine.async_scheduling, engine._in_flight = mode, None
+            sync()
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            sync()
+            out.setdefault(bs, {})["on" if mode else "off"] = bs * s["new_tokens"] / (time.perf_counter() - start)
+    engine.async_scheduling, engine._in_flight = configured, None
+    print("async scheduling decode tok/s:", out)
+    return out
 
 
 def profile_decode(llm, s: dict) -> dict:

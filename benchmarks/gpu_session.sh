@@ -28,10 +28,13 @@ python -c "import minivllm.kernels, minivllm.tokenizer, pydantic; print('imports
 export MINIVLLM_CACHE=${MINIVLLM_CACHE:-/tmp/minivllm-cache}
 
 step gpu_tests 240 python -m pytest -q -x tests/test_gpu_moe.py tests/test_gpu_attention.py
+# Async scheduling (pinned sampled ids, the next step's inputs gathered on the device) and EAGLE-3
+# (its head through the GPU attention ops) on CUDA: same outputs as the synchronous engine.
+step gpu_async_eagle3 90 python -m pytest -q -x tests/test_async_scheduling.py tests/test_eagle3.py
 step gpu_tensor_parallel 120 python -m pytest -q -rs tests/test_tensor_parallel.py -k gpu  # skips on < 2 GPUs
 step bench_moe 90 python benchmarks/bench_moe_gpu.py --profile
 step bench_attention 90 python benchmarks/bench_attention_gpu.py --json "$OUT/attention.json"
-step bench_engine 420 python benchmarks/bench_gpu.py --profile --out "$OUT/bench_gpu.json"
+step bench_engine 360 python benchmarks/bench_gpu.py --profile --out "$OUT/bench_gpu.json"
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # decode tok/s at tp 2, to set beside tp 1's above
     step bench_engine_tp2 300 python benchmarks/bench_gpu.py --skip-hf --tensor-parallel-size 2 --out "$OUT/bench_gpu_tp2.json"
 fi
