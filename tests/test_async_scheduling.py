@@ -148,3 +148,16 @@ def test_async_scheduling_settings():
         EngineArgs(async_scheduling=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="deterministic"):
         EngineArgs(async_scheduling=True, deterministic=True)
+
+
+def test_a_chunk_scheduled_but_never_run_leaves_no_prefix_cache_entry(copy_model):
+    """Async scheduling can drop a scheduled chunk (its request failed while the step in flight
+    was processed); the blocks it registered hold no K/V, so no later prompt may match them."""
+    llm = LLM(copy_model, **COMMON)
+    engine = llm.engine
+    request = engine.add_request("a", {"prompt_token_ids": list(range(2000, 2013))},
+                                 SamplingParams(max_tokens=2))
+    batch = engine.scheduler.schedule()  # registers the prompt's 3 full blocks
+    assert batch and len(engine.block_manager.hash_to_block) == 3
+    engine.abort_request("a")
+    assert not engine.block_manager.hash_to_block and request.seqs[0].is_finished

@@ -65,8 +65,8 @@ def test_the_eagle_modelopt_layout_loads_the_same_head(tmp_path):
     """A head as EAGLE's own code and ModelOpt write it: Llama fields at the top, `midlayer.*` weights."""
     config = json.loads((Path(HEAD) / "config.json").read_text())
     flat = {**config["transformer_layer_config"], "architectures": ["LlamaForCausalLMEagle3"],
-            "draft_vocab_size": 256, "norm_before_residual": True, "norm_before_fc": True,
-            "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}}
+            "draft_vocab_size": 256, "norm_before_residual": True,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 3], "norm_before_fc": True}}
     (tmp_path / "config.json").write_text(json.dumps(flat))
     tensors = load_file(str(Path(HEAD) / "model.safetensors"))
     save_file({k.replace("layers.0.", "midlayer."): v for k, v in tensors.items()},

@@ -184,7 +184,8 @@ class LLMEngine:
             launched = self._launch(batch, defer=True)
             if launched is not None:
                 for row, seq in enumerate(launched.work.seqs):
-                    seq.pending_tokens.append((launched.result.token_ids, row))
+                    if seq.status is SequenceStatus.RUNNING:  # not failed in this very launch
+                        seq.pending_tokens.append((launched.result.token_ids, row))
                 self._in_flight = launched
         if in_flight is not None:
             self.num_overlapped_steps += self._in_flight is not None
@@ -215,6 +216,8 @@ class LLMEngine:
             except Exception as error:  # the requests that asked for prompt logprobs fail, the rest go on
                 for request in {seq.request.request_id: seq.request for seq, _ in work.prompt_targets}.values():
                     self._fail_request(request, error)
+        # Processing needs neither: let the next step's allocations reuse their memory.
+        work.logits = work.prompt_hidden = None
         return Launched(work, result, multi)
 
     def _finish(self, launched: "Launched") -> list[RequestOutput]:

@@ -106,7 +106,7 @@ class ModelRunner:
             self.workers.close()
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
-        """Flatten the step's tokens; returns (input_ids, positions, ctx, rows to sample).
+        """Flatten the step's tokens; returns (input_ids, positions, ctx, (rows to sample, the same on the device)).
 
         Everything is gathered into two host tensors and moved in one copy each (pinned and
         asynchronous on a GPU), so preparing a step never waits on the device.
@@ -151,33 +151,41 @@ class ModelRunner:
             total += num_new
             query_start_loc.append(total)
             context_lens.append(end)
-            if end == num_known or end > num_known and not seq.spec_token_ids:  # the last token (known or pending)
+            # The step reaches the last token, known or pending (async scheduling: only ever a
+            # 1-token decode); a drafted decode's rows are listed above.
+            if end == num_known or (num_new == 1 and end > num_known):
                 sample_rows.append(total - 1)
         # numpy turns a list of ints into an array several times faster than torch.tensor does. The
         # rows of pending input ids and their rows in the sampled ids ride along (one copy).
         rows = [r for r, _, _ in pending] + [r for _, _, r in pending]
-        token_data = torch.from_numpy(np.array(input_ids + positions + slots + rows, dtype=np.int64))
+        token_data = torch.from_numpy(np.array(input_ids + positions + slots + rows + sample_rows, dtype=np.int64))
         block_tables = self._block_tables.build(tables)
-        lens = None
         if self.device.type == "cuda":
             token_data = token_data.pin_memory().to(self.device, non_blocking=True)
             block_tables = block_tables.pin_memory().to(self.device, non_blocking=True)
-            # The kernels' length tensors too, or building them later would wait for the device.
-            lens = torch.from_numpy(np.array(query_start_loc + context_lens, dtype=np.int32))
-            lens = lens.pin_memory().to(self.device, non_blocking=True)
         if pending:
             sources = {id(tokens): tokens for _, tokens, _ in pending}
             assert len(sources) == 1, "pending tokens come from the one step in flight"
             n = len(pending)
-            step_rows, sampled_rows = token_data[3 * total:3 * total + n], token_data[3 * total + n:]
+            step_rows, sampled_rows = token_data[3 * total:3 * total + n], token_data[3 * total + n:3 * total + 2 * n]
             token_data[:total][step_rows] = pending[0][1].device_tokens[sampled_rows]
-        ctx = AttentionContext(
-            slot_mapping=token_data[2 * total:3 * total], query_start_loc=query_start_loc, context_lens=context_lens,
-            block_tables=block_tables, block_size=bs,
-            query_start_loc_t=None if lens is None else lens[:len(query_start_loc)],
-            context_lens_t=None if lens is None else lens[len(query_start_loc):],
-        )
-        return token_data[:total], token_data[total:2 * total], ctx, sample_rows
+        ctx = self._context(token_data[2 * total:3 * total], query_start_loc, context_lens, block_tables)
+        # The sample rows both as a list and on the device (indexing with a list would copy it and
+        # wait for the device).
+        sample_rows_t = token_data[3 * total + 2 * len(pending):]
+        return token_data[:total], token_data[total:2 * total], ctx, (sample_rows, sample_rows_t)
+
+    def _context(self, slot_mapping: torch.Tensor, query_start_loc: list[int], context_lens: list[int],
+                 block_tables: torch.Tensor) -> AttentionContext:
+        """The step's AttentionContext. On a GPU its length tensors go over now, pinned and without
+        waiting: the kernels building them later from the lists would wait for the device."""
+        ctx = AttentionContext(slot_mapping=slot_mapping, query_start_loc=query_start_loc, context_lens=context_lens,
+                               block_tables=block_tables, block_size=self.block_size)
+        if self.device.type == "cuda":
+            lens = torch.from_numpy(np.array(query_start_loc + context_lens, dtype=np.int32))
+            lens = lens.pin_memory().to(self.device, non_blocking=True)
+            ctx.query_start_loc_t, ctx.context_lens_t = lens[:len(query_start_loc)], lens[len(query_start_loc):]
+        return ctx
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], prompt_rows: list[int] | None = None
@@ -188,7 +196,7 @@ class ModelRunner:
 
         Prompt rows come back as hidden states, not logits: a chunk's worth of full-vocabulary
         logits is gigabytes, so the engine turns them into logprobs a slice at a time."""
-        input_ids, positions, ctx, sample_rows = self.prepare(batch)
+        input_ids, positions, ctx, (sample_rows, sample_rows_t) = self.prepare(batch)
         aux = None
         if self.graphs is not None and self.graphs.can_run(len(input_ids), ctx):
             hidden = self.graphs.run(input_ids, positions, ctx)
@@ -201,7 +209,7 @@ class ModelRunner:
             # Every row is sampled (sample_rows is then 0..n-1, as in any all-decode step): the
             # hidden states are already in order, no gather needed.
             return self.model.compute_logits(hidden), prompt_hidden, aux
-        return self.model.compute_logits(hidden[sample_rows]), prompt_hidden, aux
+        return self.model.compute_logits(hidden[sample_rows_t]), prompt_hidden, aux
 
     @torch.inference_mode()
     def run_draft(self, rows: list[tuple[list[int], int, list[int]]], hidden: torch.Tensor
@@ -225,9 +233,11 @@ class ModelRunner:
         width = max(map(len, tables))
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         n = len(ids)
-        token_data = torch.tensor(ids + positions + slots, dtype=torch.int64).to(self.device)
-        ctx = AttentionContext(slot_mapping=token_data[2 * n:], query_start_loc=query_start_loc,
-                               context_lens=context_lens, block_tables=block_tables.to(self.device), block_size=bs)
+        token_data = torch.tensor(ids + positions + slots, dtype=torch.int64)
+        if self.device.type == "cuda":  # pinned and asynchronous, as in prepare
+            token_data = token_data.pin_memory().to(self.device, non_blocking=True)
+            block_tables = block_tables.pin_memory().to(self.device, non_blocking=True)
+        ctx = self._context(token_data[2 * n:], query_start_loc, context_lens, block_tables)
         return self.draft(token_data[:n], hidden, token_data[n:2 * n], ctx, self.draft_kv_cache)
 
 

@@ -53,9 +53,6 @@ class SampledTokens:
     def __len__(self) -> int:
         return self.device_tokens.shape[0]
 
-    def __getitem__(self, row: int) -> int:
-        return self.tolist()[row]
-
 
 class Sampler:
     def __init__(self, eos_token_ids: list[int], generator: torch.Generator | None = None):
@@ -81,9 +78,11 @@ class Sampler:
             if len(greedy_rows) == len(seqs):
                 tokens = logits.argmax(dim=-1)
             else:
-                tokens[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
+                rows = to_device(greedy_rows, torch.long, logits.device)
+                tokens[rows] = logits[rows].argmax(dim=-1)
         if random_rows:
-            tokens[random_rows] = self._draw(logits[random_rows], [seqs[r] for r in random_rows])
+            rows = to_device(random_rows, torch.long, logits.device)
+            tokens[rows] = self._draw(logits[rows], [seqs[r] for r in random_rows])
         if defer and raw_logprobs is None:
             return SampleResult(SampledTokens(tokens), [None] * len(seqs))
         token_list = tokens.tolist()

@@ -75,6 +75,9 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        # Blocks registered for a chunk scheduled but never run (its request failed or was aborted
+        # in between) hold no K/V: no later prompt may match them.
+        self.block_manager.uncache_uncomputed(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
 
@@ -94,7 +97,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if foreground and self._is_background(seq):
+            if foreground and seq.is_background:
                 break  # paused: every later one is background too
             if seq.pending_tokens and self._reaches_length(seq):
                 i += 1  # its pending token ends it (async scheduling): running it again would be waste
@@ -121,7 +124,7 @@ class Scheduler:
         # Admitting new work right after a preemption would only thrash the cache.
         while not preempted and self.waiting and budget > 0:
             seq = self.waiting[0]
-            if foreground and self._is_background(seq):
+            if foreground and seq.is_background:
                 break
             if len(self.running) >= self.max_num_seqs and not self._yield_background(seq):
                 break
@@ -166,18 +169,15 @@ class Scheduler:
             if budget == 0:
                 return
 
-    def _is_background(self, seq: Sequence) -> bool:
-        return seq.is_background  # set by add(): read for every running sequence every step
-
     def _has_foreground(self) -> bool:
         """Whether a request that is not background is running or waiting (both queues are sorted)."""
-        return any(queue and not self._is_background(queue[0]) for queue in (self.running, self.waiting))
+        return any(queue and not queue[0].is_background for queue in (self.running, self.waiting))
 
     def _yield_background(self, seq: Sequence) -> bool:
         """Preempt the least important running sequence for arriving `seq` if that one is background
         and `seq` is not: a batch line gives its slot or blocks to a real-time request at once."""
         victim = self.running[-1] if self.running else None
-        if victim is None or self._is_background(seq) or not self._is_background(victim):
+        if victim is None or seq.is_background or not victim.is_background:
             return False
         self.preempt(victim)
         return True

@@ -6,12 +6,16 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from minivllm.outputs import Logprob
 from minivllm.sampling_params import SamplingParams
 from minivllm.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from minivllm.engine.sampler import SampledTokens
 
 
 class SequenceStatus(enum.Enum):
@@ -42,7 +46,7 @@ class Sequence:
         self.draft_token_ids: list[int] = []
         # Async scheduling: tokens sampled but not yet processed, oldest first, as (the step's
         # sampled ids, this sequence's row); they count as tokens for scheduling (see num_tokens).
-        self.pending_tokens: list[tuple] = []
+        self.pending_tokens: list[tuple["SampledTokens | list[int]", int]] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -126,14 +126,16 @@ class Eagle3Config:
 
 def _from_flat_layout(raw: dict) -> dict:
     """The EAGLE / ModelOpt layout (architectures LlamaForCausalLMEagle3, the Llama fields at the
-    top, the aux layer ids in `eagle_config`) as the speculators layout."""
+    top; the aux layer ids and the norm flags in `eagle_config`, or for the flags at the top) as
+    the speculators layout."""
     eagle = raw.get("eagle_config") or {}
+    flags = {key: eagle.get(key, raw.get(key)) for key in ("norm_before_residual", "norm_before_fc", "fc_norm",
+                                                            "norm_output")}
     return {"speculators_model_type": "eagle3", "transformer_layer_config": {"model_type": "llama", **raw},
             "draft_vocab_size": raw.get("draft_vocab_size", raw.get("vocab_size")),
             "target_hidden_size": raw.get("target_hidden_size"),
             "eagle_aux_hidden_state_layer_ids": eagle.get("eagle_aux_hidden_state_layer_ids"),
-            **{key: raw[key] for key in ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
-               if key in raw}}
+            **{key: value for key, value in flags.items() if value is not None}}
 
 
 class DraftAttention(nn.Module):
@@ -212,8 +214,9 @@ class Eagle3Head(nn.Module):
         self.config = cfg
         h, eps, num_aux = cfg.hidden_size, cfg.rms_norm_eps, len(cfg.aux_layer_ids)
         self.embed_tokens: nn.Module | None = None  # set by the loader: the head's own, or the target's
-        self.input_norm = RMSNorm(num_aux * h, eps, dtype, ops) if cfg.norm_before_fc else None
-        self.fc_norm = nn.ModuleList(RMSNorm(h, eps, dtype, ops) for _ in range(num_aux)) if cfg.fc_norm else None
+        th = cfg.target_hidden_size  # the aux states are the target's
+        self.input_norm = RMSNorm(num_aux * th, eps, dtype, ops) if cfg.norm_before_fc else None
+        self.fc_norm = nn.ModuleList(RMSNorm(th, eps, dtype, ops) for _ in range(num_aux)) if cfg.fc_norm else None
         self.fc = Linear(num_aux * cfg.target_hidden_size, h, False, dtype)
         self.layers = nn.ModuleList(DraftLayer(cfg, i == 0, dtype, ops) for i in range(cfg.num_layers))
         self.norm = RMSNorm(h, eps, dtype, ops)
