@@ -67,6 +67,8 @@ def kind(field: str) -> tuple[str, list | None]:
     annotation = WorkerConfig.model_fields[field].annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        if annotation is bool:  # unset (automatic), on or off: a toggle has no third state
+            return "string", ["true", "false"]
     if typing.get_origin(annotation) is typing.Literal:
         return "string", list(typing.get_args(annotation))
     if annotation is bool:

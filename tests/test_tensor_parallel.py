@@ -15,7 +15,7 @@ from minivllm import LLM, AsyncEngine, EngineArgs, SamplingParams
 from minivllm.distributed.parallel_state import shard
 from minivllm.distributed.workers import TensorParallelError
 from minivllm.engine.async_engine import EngineDeadError
-from minivllm.model.tiny import write_tiny_checkpoint
+from minivllm.model.tiny import CYCLE, write_copy_checkpoint, write_copy_eagle3_head, write_tiny_checkpoint
 
 # Small enough that prompts are prefilled in 5-token chunks and sequences get preempted, with
 # shared prefixes hitting the prefix cache: all three paths in one run.
@@ -127,6 +127,27 @@ class TestTp2AgainstTp1:
         config = tp1.engine.model_config
         kv1, kv2 = tp1.engine.runner.kv_cache, tp2.engine.runner.kv_cache
         assert kv2.shape[4] == config.num_key_value_heads // 2 and kv2.numel() * 2 == kv1.numel()
+
+
+@pytest.mark.parametrize("own_embedding", [False, True])
+def test_eagle3_at_tp2_drafts_and_decodes_as_at_tp1(tmp_path, own_embedding):
+    """The head runs whole on rank 0 over rank 0's residual stream; a head sharing the target's
+    embedding gets a whole copy of it (the target's is split by vocabulary)."""
+    target = write_copy_checkpoint(str(tmp_path / "copy"), shift=1)
+    head = write_copy_eagle3_head(str(tmp_path / "head"), target, own_embedding=own_embedding)
+    spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 2}
+    prompts = [{"prompt_token_ids": [7 + i] + CYCLE[i * 5:i * 5 + 5] * 2} for i in range(4)]
+    results = []
+    for tp in (1, 2):
+        llm = LLM(target, tensor_parallel_size=tp, speculative_config=spec, **STRESS)
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        results.append(([o.outputs[0].token_ids for o in outputs], llm.engine.stats()))
+        if tp == 2:
+            assert llm.engine.runner.draft_kv_cache is not None
+            llm.engine.shutdown()
+    (tokens1, stats1), (tokens2, stats2) = results
+    assert tokens2 == tokens1
+    assert stats2["spec_decode_num_accepted_tokens"] == stats1["spec_decode_num_accepted_tokens"] > 0
 
 
 def test_tp1_never_touches_torch_distributed(tiny_mxfp4):

@@ -85,14 +85,6 @@ class EngineArgs(BaseModel):
         return (self.resolved_device().type == "cuda" and self.speculative_config is None and not self.deterministic
                 and self.tensor_parallel_size == 1)
 
-    @model_validator(mode="after")
-    def _check_eagle3_tp(self) -> "EngineArgs":
-        spec = self.speculative_config
-        if spec is not None and spec["method"] == "eagle3" and self.tensor_parallel_size > 1:
-            raise ValueError("speculative_config: method 'eagle3' runs at tensor_parallel_size 1 only for now "
-                             "(the head needs the target's aux hidden states on one rank); use 'ngram' or tp 1")
-        return self
-
     @field_validator("max_model_len", "num_kv_blocks", "background_priority", "async_scheduling", mode="before")
     @classmethod
     def _none_text(cls, value):

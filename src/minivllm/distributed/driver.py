@@ -22,20 +22,22 @@ class TensorParallelDriver:
         self.config = model.config
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
-                 kv_cache: torch.Tensor) -> torch.Tensor:
+                 kv_cache: torch.Tensor, aux_layers: tuple[int, ...] = ()):
+        """aux_layers (an EAGLE-3 head's): rank 0 alone keeps them; every rank holds the whole
+        residual stream, so the other ranks need not know."""
         tables = ctx.block_tables.to(torch.int32)
         self.workers.send(("forward", len(input_ids), tuple(tables.shape), ctx.query_start_loc, ctx.context_lens))
-        return self._guarded(self._forward, input_ids, positions, ctx, tables, kv_cache)
+        return self._guarded(self._forward, input_ids, positions, ctx, tables, kv_cache, aux_layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.contiguous()
         self.workers.send(("logits", tuple(hidden.shape), hidden.dtype))
         return self._guarded(self._logits, hidden)
 
-    def _forward(self, input_ids, positions, ctx, tables, kv_cache):
+    def _forward(self, input_ids, positions, ctx, tables, kv_cache, aux_layers):
         broadcast(torch.cat((input_ids, positions, ctx.slot_mapping)))
         broadcast(tables.contiguous())
-        return self.model(input_ids, positions, ctx, kv_cache)
+        return self.model(input_ids, positions, ctx, kv_cache, aux_layers)
 
     def _logits(self, hidden):
         return self.model.compute_logits(broadcast(hidden))

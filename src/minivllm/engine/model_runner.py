@@ -21,7 +21,7 @@ from minivllm.engine.sampler import SampledTokens
 from minivllm.engine.sequence import Sequence
 from minivllm.model.eagle3 import Eagle3Config, Eagle3Head
 from minivllm.model.gpt_oss import GptOssForCausalLM
-from minivllm.model.loader import load_eagle3_weights, load_weights, resolve_model_path
+from minivllm.model.loader import load_eagle3_weights, load_tensor, load_weights, resolve_model_path
 from minivllm.ops import AttentionContext, get_ops
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = GptOssForCausalLM(config, self.dtype, self.ops, max_positions=max_model_len)
         load_weights(self.model, model_path)
-        self.draft = self._load_draft(args, config, max_model_len)
+        # Under tp the head runs unsharded on rank 0 (rank 0's residual stream is the whole one).
+        self.draft = self._load_draft(args, config, model_path, max_model_len) if rank == 0 else None
         self.aux_layers = tuple(self.draft.config.aux_layer_ids) if self.draft is not None else ()
         self.num_blocks = min_over_ranks(self._num_kv_blocks(args, config), self.device)
         self.kv_cache = torch.zeros(config.num_hidden_layers, 2, self.num_blocks, self.block_size,
@@ -57,7 +58,8 @@ class ModelRunner:
         self.graphs = self._capture_graphs(args, config, max_model_len)
         self._block_tables = HostBlockTables(args.max_num_seqs, -(-max_model_len // self.block_size))
 
-    def _load_draft(self, args: EngineArgs, config: GptOssConfig, max_model_len: int) -> Eagle3Head | None:
+    def _load_draft(self, args: EngineArgs, config: GptOssConfig, model_path: str,
+                    max_model_len: int) -> Eagle3Head | None:
         spec = args.speculative_config
         if spec is None or spec["method"] != "eagle3":
             return None
@@ -65,7 +67,16 @@ class ModelRunner:
         draft_config = Eagle3Config.from_folder(path, config)
         with torch.device(self.device):
             head = Eagle3Head(draft_config, self.dtype, self.ops, max_positions=max_model_len)
-        load_eagle3_weights(head, path, self.model.model.embed_tokens)
+
+        def target_embedding() -> torch.nn.Module:
+            """For a head without its own: the target's, or under tp (which splits it by vocabulary
+            across ranks) a whole copy read from the target's checkpoint."""
+            if args.tensor_parallel_size == 1:
+                return self.model.model.embed_tokens
+            weight = load_tensor(model_path, "model.embed_tokens.weight")
+            return torch.nn.Embedding.from_pretrained(weight.to(device=self.device, dtype=self.dtype))
+
+        load_eagle3_weights(head, path, target_embedding)
         return head
 
     def _capture_graphs(self, args: EngineArgs, config: GptOssConfig, max_model_len: int) -> DecodeGraphs | None:

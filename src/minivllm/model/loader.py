@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import safe_open
@@ -121,10 +121,20 @@ def _check(name: str, file: str, tensor: torch.Tensor, param: torch.Tensor) -> N
                          f"{'packed uint8 (MXFP4)' if param.dtype == torch.uint8 else 'a floating-point dtype'}")
 
 
-def load_eagle3_weights(head: Eagle3Head, path: str, target_embedding: torch.nn.Module) -> None:
+def load_tensor(path: str, name: str) -> torch.Tensor:
+    """One whole tensor of a checkpoint, from whichever of its safetensors files holds it."""
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    raise ValueError(f"checkpoint {path} has no tensor {name}")
+
+
+def load_eagle3_weights(head: Eagle3Head, path: str, target_embedding: Callable[[], torch.nn.Module]) -> None:
     """Load an EAGLE-3 head's safetensors into `head`. The speculators layout is the head's own
     names; the ModelOpt/EAGLE layout's `midlayer.` is layer 0. A head without `embed_tokens`
-    shares the target's embedding (as vLLM does); `t2d` is not needed (d2t maps draft to target)."""
+    shares the target's embedding (as vLLM does; `target_embedding()` gives it); `t2d` is not
+    needed (d2t maps draft to target)."""
     from torch import nn
 
     tensors = dict(head.named_parameters())
@@ -158,8 +168,11 @@ def load_eagle3_weights(head: Eagle3Head, path: str, target_embedding: torch.nn.
     if missing:
         raise ValueError(f"EAGLE-3 head {path} is missing tensor(s): {', '.join(missing[:5])}")
     if own_embedding is None:
-        head.embed_tokens = target_embedding
+        head.embed_tokens = target_embedding()
     else:
-        weight = target_embedding.weight
-        _check("embed_tokens.weight", path, own_embedding, weight)
+        weight = head.fc.weight  # the head's device and dtype
+        expected = (head.config.target_vocab_size, head.config.hidden_size)
+        if tuple(own_embedding.shape) != expected:
+            raise ValueError(f"tensor embed_tokens.weight in EAGLE-3 head {path} has shape "
+                             f"{tuple(own_embedding.shape)}, but config.json implies {expected}")
         head.embed_tokens = nn.Embedding.from_pretrained(own_embedding.to(device=weight.device, dtype=weight.dtype))
