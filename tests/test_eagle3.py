@@ -41,7 +41,7 @@ def test_a_speculators_head_computes_what_speculators_computes():
     assert (config.aux_layer_ids, config.draft_vocab_size, config.num_speculative_tokens) == ([1, 2, 3], 256, 3)
     assert config.norm_before_fc and config.norm_before_residual and not config.norm_output
     head = Eagle3Head(config, torch.float32, REFERENCE_OPS, max_positions=64)
-    load_eagle3_weights(head, HEAD, target.model.embed_tokens)
+    load_eagle3_weights(head, HEAD, lambda: target.model.embed_tokens)
     assert head.embed_tokens is target.model.embed_tokens  # the head has none: it shares the target's
     golden = load_file(str(FIXTURE / "golden.safetensors"))
 
@@ -76,12 +76,23 @@ def test_the_eagle_modelopt_layout_loads_the_same_head(tmp_path):
     for path in (HEAD, str(tmp_path)):
         config = Eagle3Config.from_folder(path, target_config)
         head = Eagle3Head(config, torch.float32, REFERENCE_OPS, max_positions=64)
-        load_eagle3_weights(head, path, embedding)
+        load_eagle3_weights(head, path, lambda: embedding)
         heads.append((config, head))
     (a, head_a), (b, head_b) = heads
     assert (b.aux_layer_ids, b.num_speculative_tokens) == ([1, 2, 3], None)
     assert {**vars(a), "num_speculative_tokens": None} == vars(b)
     assert all(torch.equal(head_a.state_dict()[k], v) for k, v in head_b.state_dict().items())
+
+
+def test_a_head_with_a_sliding_window_layer_attends_over_it(tmp_path):
+    def sliding(config):
+        config["transformer_layer_config"].update(layer_types=["sliding_attention"], sliding_window=4)
+
+    target_config = GptOssConfig.from_folder(default_model_path())
+    config = Eagle3Config.from_folder(_head_copy(tmp_path, sliding), target_config)
+    head = Eagle3Head(config, torch.float32, REFERENCE_OPS, max_positions=64)
+    assert config.sliding_windows == [4] and head.layers[0].self_attn.sliding_window == 4
+    assert Eagle3Config.from_folder(HEAD, target_config).sliding_windows == [0]
 
 
 def _reference_drafts(engine, tokens: list[int], k: int) -> list[int]:

@@ -9,8 +9,9 @@ final norm and `lm_head` score the draft vocabulary; draft id d is target token 
 draft steps feed back the layer stack's output before the final norm (after it with `norm_output`)
 in place of the projected target states.
 
-Layers are Llama's (or Qwen3's, with per-head q/k norms): causal attention without sinks, rotary
-from the head's own config, a SiLU-gated MLP. The head keeps its own paged K/V (see spec_decode/eagle3.py).
+Layers are Llama's (or Qwen3's, with per-head q/k norms): causal attention without sinks (over
+a sliding window where `layer_types` says so), rotary from the head's own config, a SiLU-gated
+MLP. The head keeps its own paged K/V (see spec_decode/eagle3.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Eagle3Config:
     attention_bias: bool
     mlp_bias: bool
     qk_norm: bool  # Qwen3 layers: RMSNorm over each head's q and k
+    sliding_windows: list[int]  # per layer: its sliding window (keys it sees), 0 for full attention
     target_hidden_size: int
     target_vocab_size: int
     draft_vocab_size: int
@@ -96,6 +98,8 @@ class Eagle3Config:
             raise ValueError(f"{where}: eagle_aux_hidden_state_layer_ids {aux} must be distinct layer ids "
                              f"within [0, {n}] of the {n}-layer target")
         proposals = (raw.get("speculators_config") or {}).get("proposal_methods") or [{}]
+        layer_types = layer.get("layer_types") or ["full_attention"] * layer["num_hidden_layers"]
+        window = layer.get("sliding_window") or 0
         config = cls(
             hidden_size=layer["hidden_size"], intermediate_size=layer["intermediate_size"],
             num_layers=layer["num_hidden_layers"], num_heads=heads,
@@ -103,6 +107,7 @@ class Eagle3Config:
             head_dim=layer.get("head_dim") or layer["hidden_size"] // heads, rms_norm_eps=layer["rms_norm_eps"],
             rope_theta=rope_theta, rope_scaling=rope, attention_bias=bool(layer.get("attention_bias", False)),
             mlp_bias=bool(layer.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+            sliding_windows=[window if kind == "sliding_attention" else 0 for kind in layer_types],
             target_hidden_size=raw.get("target_hidden_size") or layer["hidden_size"],
             target_vocab_size=layer["vocab_size"], draft_vocab_size=raw.get("draft_vocab_size", 32000),
             aux_layer_ids=list(aux), norm_before_fc=bool(raw.get("norm_before_fc", False)),
@@ -139,9 +144,10 @@ def _from_flat_layout(raw: dict) -> dict:
 
 
 class DraftAttention(nn.Module):
-    def __init__(self, cfg: Eagle3Config, in_features: int, dtype: torch.dtype, ops: Ops):
+    def __init__(self, cfg: Eagle3Config, in_features: int, sliding_window: int, dtype: torch.dtype, ops: Ops):
         super().__init__()
         d, h = cfg.head_dim, cfg.hidden_size
+        self.sliding_window = sliding_window
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.q_proj = Linear(in_features, cfg.num_heads * d, cfg.attention_bias, dtype)
         self.k_proj = Linear(in_features, cfg.num_kv_heads * d, cfg.attention_bias, dtype)
@@ -164,7 +170,7 @@ class DraftAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rotary(q, k, positions, cos_sin_cache)
         self.ops.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        out = self.ops.attention(q, k_cache, v_cache, ctx, self.no_sinks, 0, self.scale)
+        out = self.ops.attention(q, k_cache, v_cache, ctx, self.no_sinks, self.sliding_window, self.scale)
         return self.o_proj(out.reshape(t, -1))
 
 
@@ -183,13 +189,13 @@ class DraftMLP(nn.Module):
 class DraftLayer(nn.Module):
     """A Llama decoder layer; the first one reads cat(embedding, hidden) (2 x hidden wide)."""
 
-    def __init__(self, cfg: Eagle3Config, first: bool, dtype: torch.dtype, ops: Ops):
+    def __init__(self, cfg: Eagle3Config, index: int, dtype: torch.dtype, ops: Ops):
         super().__init__()
-        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        h, eps, first = cfg.hidden_size, cfg.rms_norm_eps, index == 0
         self.first, self.norm_before_residual = first, cfg.norm_before_residual
         self.input_layernorm = RMSNorm(h, eps, dtype, ops)
         self.hidden_norm = RMSNorm(h, eps, dtype, ops) if first else None
-        self.self_attn = DraftAttention(cfg, 2 * h if first else h, dtype, ops)
+        self.self_attn = DraftAttention(cfg, 2 * h if first else h, cfg.sliding_windows[index], dtype, ops)
         self.post_attention_layernorm = RMSNorm(h, eps, dtype, ops)
         self.mlp = DraftMLP(cfg, dtype)
 
@@ -218,7 +224,7 @@ class Eagle3Head(nn.Module):
         self.input_norm = RMSNorm(num_aux * th, eps, dtype, ops) if cfg.norm_before_fc else None
         self.fc_norm = nn.ModuleList(RMSNorm(th, eps, dtype, ops) for _ in range(num_aux)) if cfg.fc_norm else None
         self.fc = Linear(num_aux * cfg.target_hidden_size, h, False, dtype)
-        self.layers = nn.ModuleList(DraftLayer(cfg, i == 0, dtype, ops) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DraftLayer(cfg, i, dtype, ops) for i in range(cfg.num_layers))
         self.norm = RMSNorm(h, eps, dtype, ops)
         self.lm_head = Linear(h, cfg.draft_vocab_size, False, dtype)
         # Draft id -> target id offset; absent (zeros) when the head scores the target's whole vocabulary.
