@@ -222,6 +222,10 @@ class LLMEngine:
 
     def _finish(self, launched: "Launched") -> list[RequestOutput]:
         """Process a launched step's tokens: append them, check stops, build the outputs, draft."""
+        if self.async_scheduling:
+            for seq in launched.work.seqs:
+                if seq.pending_tokens:  # this step's token, the oldest pending: it becomes a real one
+                    del seq.pending_tokens[0]
         outputs = self._postprocess(launched.work.seqs, launched.result, launched.multi)
         if self.drafter is not None:
             self._draft(launched.work.draft_rows)
@@ -270,15 +274,12 @@ class LLMEngine:
             for seq, _ in batch:  # the step's blocks were registered for the prefix cache, never written
                 self.block_manager.uncache_uncomputed(seq)
             raise
-        to_sample, draft_rows = [], []
-        row = 0
+        draft_rows = [] if aux is None else _draft_rows(batch, aux)
+        to_sample = []
         for seq, num_new in batch:
-            if aux is not None:
-                draft_rows.append((seq, seq.num_computed_tokens, aux[row:row + num_new]))
-                row += num_new
             # Drafts' K/V counts only once they are accepted (in _postprocess).
             seq.num_computed_tokens += num_new - len(seq.spec_token_ids)
-            if seq.num_computed_tokens == len(seq.token_ids) + len(seq.pending_tokens):
+            if seq.num_computed_tokens >= len(seq.token_ids):  # its last token ran (a pending one: beyond)
                 to_sample.append(seq)
         return StepWork(to_sample, logits, prompt_hidden, prompt_targets, draft_rows)
 
@@ -394,8 +395,6 @@ class LLMEngine:
                 if multi:
                     self._append_run(seq, token, lp)
                 else:
-                    if seq.pending_tokens:  # async scheduling: this is its oldest pending token
-                        del seq.pending_tokens[0]
                     seq.token_ids.append(token)
                     if lp is not None:
                         self._record_logprobs(seq, token, lp)
@@ -546,6 +545,16 @@ class Launched:
     work: "StepWork"
     result: SampleResult
     multi: bool
+
+
+def _draft_rows(batch: list[tuple[Sequence, int]], aux: torch.Tensor) -> list[tuple[Sequence, int, torch.Tensor]]:
+    """Per sequence of a step about to be counted as computed: (it, its first position, the aux
+    hidden states of its rows), what an EAGLE-3 head catches up on after the step."""
+    rows, row = [], 0
+    for seq, num_new in batch:
+        rows.append((seq, seq.num_computed_tokens, aux[row:row + num_new]))
+        row += num_new
+    return rows
 
 
 def _reads_history(seq: Sequence) -> bool:

@@ -117,7 +117,8 @@ class ModelRunner:
             self.workers.close()
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
-        """Flatten the step's tokens; returns (input_ids, positions, ctx, (rows to sample, the same on the device)).
+        """Flatten the step's tokens; returns (input_ids, positions, ctx, (rows to sample, the same on
+        the device, or None when every row is sampled)).
 
         Everything is gathered into two host tensors and moved in one copy each (pinned and
         asynchronous on a GPU), so preparing a step never waits on the device.
@@ -137,12 +138,12 @@ class ModelRunner:
             end = start + num_new
             table = seq.block_table
             tables.append(table)
-            num_known = len(seq.token_ids)
-            if num_new == 1:  # decode: the common case, kept cheap
-                if start < num_known:
-                    input_ids.append(seq.token_ids[start])
+            if num_new == 1:  # decode (or a 1-token prefill chunk): the common case, kept cheap
+                token_ids = seq.token_ids
+                if start < len(token_ids):
+                    input_ids.append(token_ids[start])
                 else:  # async scheduling: the token the step in flight samples, taken on the device below
-                    tokens, row = seq.pending_tokens[start - len(seq.token_ids)]
+                    tokens, row = seq.pending_tokens[start - len(token_ids)]
                     if isinstance(tokens, SampledTokens):
                         pending.append((total, tokens, row))
                         input_ids.append(0)
@@ -150,6 +151,8 @@ class ModelRunner:
                         input_ids.append(tokens[row])
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
+                if end >= len(token_ids):  # its last token, known or pending
+                    sample_rows.append(total)
             else:
                 input_ids.extend(seq.token_ids[start:end])
                 positions.extend(range(start, end))
@@ -159,17 +162,18 @@ class ModelRunner:
                     # drafts), and every row is sampled: row j verifies draft j.
                     input_ids.extend(seq.spec_token_ids)
                     sample_rows.extend(range(total, total + num_new))
+                elif end == len(seq.token_ids):  # a prefill chunk that ends the prompt
+                    sample_rows.append(total + num_new - 1)
             total += num_new
             query_start_loc.append(total)
             context_lens.append(end)
-            # The step reaches the last token, known or pending (async scheduling: only ever a
-            # 1-token decode); a drafted decode's rows are listed above.
-            if end == num_known or (num_new == 1 and end > num_known):
-                sample_rows.append(total - 1)
         # numpy turns a list of ints into an array several times faster than torch.tensor does. The
         # rows of pending input ids and their rows in the sampled ids ride along (one copy).
         rows = [r for r, _, _ in pending] + [r for _, _, r in pending]
-        token_data = torch.from_numpy(np.array(input_ids + positions + slots + rows + sample_rows, dtype=np.int64))
+        # The sample rows too when they are not all the rows (indexing a device tensor with a list
+        # would copy the list and wait for the device).
+        gather = sample_rows if len(sample_rows) != total else []
+        token_data = torch.from_numpy(np.array(input_ids + positions + slots + rows + gather, dtype=np.int64))
         block_tables = self._block_tables.build(tables)
         if self.device.type == "cuda":
             token_data = token_data.pin_memory().to(self.device, non_blocking=True)
@@ -181,9 +185,7 @@ class ModelRunner:
             step_rows, sampled_rows = token_data[3 * total:3 * total + n], token_data[3 * total + n:3 * total + 2 * n]
             token_data[:total][step_rows] = pending[0][1].device_tokens[sampled_rows]
         ctx = self._context(token_data[2 * total:3 * total], query_start_loc, context_lens, block_tables)
-        # The sample rows both as a list and on the device (indexing with a list would copy it and
-        # wait for the device).
-        sample_rows_t = token_data[3 * total + 2 * len(pending):]
+        sample_rows_t = token_data[3 * total + 2 * len(pending):] if gather else None
         return token_data[:total], token_data[total:2 * total], ctx, (sample_rows, sample_rows_t)
 
     def _context(self, slot_mapping: torch.Tensor, query_start_loc: list[int], context_lens: list[int],

@@ -221,11 +221,12 @@ class Scheduler:
         for the prefix cache (what cache_full_blocks would do), so both calls can be skipped:
         plain integer checks instead, as most steps are all decodes.
         """
-        num_tokens = len(seq.token_ids) + len(seq.pending_tokens)
         computed = seq.num_computed_tokens
+        uncomputed = len(seq.token_ids) - computed  # 0 with one token pending (async scheduling)
         bm = self.block_manager
-        return (num_tokens - computed == 1 and computed < len(seq.block_table) * bm.block_size
-                and (not bm.enable_prefix_caching or num_tokens // bm.block_size <= len(seq.block_hashes)))
+        return ((uncomputed == 1 or (uncomputed == 0 and len(seq.pending_tokens) == 1))
+                and computed < len(seq.block_table) * bm.block_size
+                and (not bm.enable_prefix_caching or (computed + 1) // bm.block_size <= len(seq.block_hashes)))
 
     def _schedule(self, seq: Sequence, num_new: int, scheduled: list) -> None:
         scheduled.append((seq, num_new))
