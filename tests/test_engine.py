@@ -319,3 +319,19 @@ def test_greedy_and_sampled_requests_mixed_in_one_step(llm):
     outs = llm.generate([prompt] * 4, [plain, *others], use_tqdm=False)
     assert outs[0].outputs[0].token_ids == alone
     assert outs[1].outputs[0].token_ids == alone and len(outs[1].outputs[0].logprobs) == 6
+
+
+def test_a_step_that_samples_nothing_scores_no_rows():
+    """A step of prefill chunks that end no prompt computes logits for no row (a chunk's worth of
+    vocabulary-wide logits would be gigabytes)."""
+    llm = LLM(num_kv_blocks=64, max_model_len=256, max_num_batched_tokens=16)
+    model = llm.engine.runner.model
+    compute, rows = model.compute_logits, []
+
+    def recording(hidden):
+        rows.append(tuple(hidden.shape))
+        return compute(hidden)
+
+    model.compute_logits = recording
+    llm.generate([{"prompt_token_ids": list(range(1000, 1050))}], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert rows[:3] == [(0, 64)] * 3 and rows[3:] == [(1, 64)] * 2  # 16 + 16 + 16 tokens, then 2 + sample, decode

@@ -172,8 +172,9 @@ class ModelRunner:
         rows = [r for r, _, _ in pending] + [r for _, _, r in pending]
         # The sample rows too when they are not all the rows (indexing a device tensor with a list
         # would copy the list and wait for the device).
-        gather = sample_rows if len(sample_rows) != total else []
-        token_data = torch.from_numpy(np.array(input_ids + positions + slots + rows + gather, dtype=np.int64))
+        gather = len(sample_rows) != total
+        token_data = torch.from_numpy(np.array(input_ids + positions + slots + rows + (sample_rows if gather else []),
+                                               dtype=np.int64))
         block_tables = self._block_tables.build(tables)
         if self.device.type == "cuda":
             token_data = token_data.pin_memory().to(self.device, non_blocking=True)
