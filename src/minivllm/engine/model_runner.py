@@ -180,11 +180,11 @@ class ModelRunner:
             token_data = token_data.pin_memory().to(self.device, non_blocking=True)
             block_tables = block_tables.pin_memory().to(self.device, non_blocking=True)
         if pending:
-            sources = {id(tokens): tokens for _, tokens, _ in pending}
-            assert len(sources) == 1, "pending tokens come from the one step in flight"
+            source = pending[0][1]
+            assert all(tokens is source for _, tokens, _ in pending), "pending tokens come from the one step in flight"
             n = len(pending)
             step_rows, sampled_rows = token_data[3 * total:3 * total + n], token_data[3 * total + n:3 * total + 2 * n]
-            token_data[:total][step_rows] = pending[0][1].device_tokens[sampled_rows]
+            token_data[:total][step_rows] = source.device_tokens[sampled_rows]
         ctx = self._context(token_data[2 * total:3 * total], query_start_loc, context_lens, block_tables)
         sample_rows_t = token_data[3 * total + 2 * len(pending):] if gather else None
         return token_data[:total], token_data[total:2 * total], ctx, (sample_rows, sample_rows_t)

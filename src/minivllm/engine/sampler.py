@@ -177,10 +177,8 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
-    """The argmax of each row (the first one on ties), on the host (see greedy_tensor)."""
-    if logits.device.type == "cpu":
-        return np.argmax(logits.numpy(), axis=1).tolist()  # a list straight from numpy: no tensor on the way
-    return logits.argmax(dim=-1).tolist()
+    """The argmax of each row (the first one on ties), on the host."""
+    return greedy_tensor(logits).tolist()
 
 
 def greedy_tensor(logits: torch.Tensor) -> torch.Tensor:

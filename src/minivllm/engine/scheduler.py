@@ -152,11 +152,7 @@ class Scheduler:
         for i, (seq, num_new) in enumerate(scheduled):
             if num_new != 1 or seq.num_computed_tokens + 1 != len(seq.token_ids):
                 continue  # a prefill chunk
-            # Room for accepted drafts + the bonus token within max_tokens and max_model_len.
-            room = self.max_model_len - len(seq.token_ids) - 1
-            max_tokens = seq.params.max_tokens
-            if max_tokens is not None:
-                room = min(room, max_tokens - seq.num_output_tokens - 1)
+            room = seq.draft_room(self.max_model_len)
             if room <= 0:
                 continue
             draft = self.proposer.propose(seq, min(room, budget))

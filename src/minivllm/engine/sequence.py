@@ -80,6 +80,13 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
+    def draft_room(self, max_model_len: int) -> int:
+        """Drafts that can still be accepted: accepted drafts + the bonus token fit max_tokens and max_model_len."""
+        room = max_model_len - len(self.token_ids) - 1
+        if self.params.max_tokens is not None:
+            room = min(room, self.params.max_tokens - self.num_output_tokens - 1)
+        return room
+
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]

@@ -142,24 +142,6 @@ def write_copy_checkpoint(path: str, shift: int) -> str:
     return path
 
 
-def eagle3_head_config(target_cfg: dict, draft_vocab_size: int, aux_layer_ids: list[int], num_speculative_tokens: int,
-                       intermediate_size: int = 128, norm_before_fc: bool = False) -> dict:
-    """A speculators-format EAGLE-3 config.json for a one-layer Llama head over a tiny target."""
-    h = target_cfg["hidden_size"]
-    layer = dict(model_type="llama", hidden_size=h, intermediate_size=intermediate_size,
-                 num_attention_heads=target_cfg["num_attention_heads"],
-                 num_key_value_heads=target_cfg["num_key_value_heads"], head_dim=target_cfg["head_dim"],
-                 num_hidden_layers=1, vocab_size=target_cfg["vocab_size"], rms_norm_eps=1e-5,
-                 max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    return {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
-            "transformer_layer_config": layer, "draft_vocab_size": draft_vocab_size, "norm_before_fc": norm_before_fc,
-            "eagle_aux_hidden_state_layer_ids": aux_layer_ids,
-            "speculators_config": {"algorithm": "eagle3", "default_proposal_method": "greedy",
-                                   "proposal_methods": [{"proposal_type": "greedy",
-                                                         "speculative_tokens": num_speculative_tokens}],
-                                   "verifier": {"name_or_path": None, "architectures": ["GptOssForCausalLM"]}}}
-
-
 def write_copy_eagle3_head(path: str, target_path: str, num_speculative_tokens: int = 3,
                            own_embedding: bool = False) -> str:
     """An EAGLE-3 head (speculators format) for write_copy_checkpoint's model: its draft vocabulary
@@ -171,10 +153,20 @@ def write_copy_eagle3_head(path: str, target_path: str, num_speculative_tokens: 
     with open(os.path.join(target_path, "config.json")) as f:
         target_cfg = json.load(f)
     target = load_file(os.path.join(target_path, "model.safetensors"))
-    h, n = target_cfg["hidden_size"], target_cfg["num_hidden_layers"]
-    cfg = eagle3_head_config(target_cfg, len(CYCLE), [1, 2, n], num_speculative_tokens)
-    layer = cfg["transformer_layer_config"]
-    q, kv, i = layer["num_attention_heads"] * layer["head_dim"], layer["num_key_value_heads"] * layer["head_dim"], 128
+    h, n, d = target_cfg["hidden_size"], target_cfg["num_hidden_layers"], target_cfg["head_dim"]
+    q, kv, i = target_cfg["num_attention_heads"] * d, target_cfg["num_key_value_heads"] * d, 128
+    layer = dict(model_type="llama", hidden_size=h, intermediate_size=i,
+                 num_attention_heads=target_cfg["num_attention_heads"],
+                 num_key_value_heads=target_cfg["num_key_value_heads"], head_dim=d, num_hidden_layers=1,
+                 vocab_size=target_cfg["vocab_size"], rms_norm_eps=1e-5, max_position_embeddings=4096,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+           "transformer_layer_config": layer, "draft_vocab_size": len(CYCLE), "norm_before_fc": False,
+           "eagle_aux_hidden_state_layer_ids": [1, 2, n],
+           "speculators_config": {"algorithm": "eagle3", "default_proposal_method": "greedy",
+                                  "proposal_methods": [{"proposal_type": "greedy",
+                                                        "speculative_tokens": num_speculative_tokens}],
+                                  "verifier": {"name_or_path": None, "architectures": ["GptOssForCausalLM"]}}}
 
     def after(token: int, steps: int) -> int:
         at = CYCLE.index(token)

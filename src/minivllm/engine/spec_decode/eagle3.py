@@ -17,14 +17,10 @@ token, which only lowers the hit's first acceptances (outputs never depend on dr
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.sequence import Sequence, SequenceStatus
-
-logger = logging.getLogger(__name__)
 
 
 class Eagle3Proposer:
@@ -58,7 +54,7 @@ class Eagle3Proposer:
             states.append(aux[:n])
             num_rows += n
             if draft and seq.num_computed_tokens == len(seq.token_ids) - 1:
-                k = min(self.k, self._room(seq))
+                k = min(self.k, seq.draft_room(self.max_model_len))
                 if k > 0:
                     drafting.append((seq, k, num_rows - 1))
         if not catch_up:
@@ -84,13 +80,6 @@ class Eagle3Proposer:
             active = [active[i] for i in keep]
             for (seq, _), token in zip(active, self.head.draft_tokens(normed).tolist()):
                 seq.draft_token_ids.append(token)
-
-    def _room(self, seq: Sequence) -> int:
-        """Drafts that can still be accepted: accepted drafts + the bonus token fit max_tokens and max_model_len."""
-        room = self.max_model_len - len(seq.token_ids) - 1
-        if seq.params.max_tokens is not None:
-            room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
-        return room
 
     def _slot(self, seq: Sequence, pos: int, spare_blocks: int) -> bool:
         """Whether position `pos` has a KV slot, taking a free block for it only beyond `spare_blocks`."""
